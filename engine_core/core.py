@@ -1,0 +1,119 @@
+"""The engine core: requests in, one scheduled step at a time, token outputs out.
+
+`EngineCore.step()` is the whole engine step: schedule, execute, update. The busy
+loop that runs it in its own process (with IO threads) wraps this class.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from engine_core.kv_cache.manager import KVCacheManager
+from engine_core.messages import (
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    FinishReason,
+)
+from engine_core.request import Request
+from engine_core.scheduler.scheduler import Scheduler
+from executor.base import Executor, make_executor
+from executor.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
+        self.config = config
+        self.executor = executor or make_executor(config)
+        t0 = time.monotonic()
+        self.num_blocks = self.executor.initialize()
+        self._check_capacity()
+        cache = config.cache
+        self.kv = KVCacheManager(
+            self.num_blocks,
+            cache.block_size,
+            cache.enable_prefix_caching,
+            cache.prefix_caching_hash_algo,
+            config.model.max_model_len,
+        )
+        self.scheduler = Scheduler(config.scheduler, self.kv)
+        logger.info(
+            "engine ready in %.1f s: %d KV blocks of %d tokens",
+            time.monotonic() - t0,
+            self.num_blocks,
+            cache.block_size,
+        )
+
+    def _check_capacity(self) -> None:
+        tokens = (self.num_blocks - 1) * self.config.cache.block_size
+        if tokens < self.config.model.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {tokens} tokens ({self.num_blocks} blocks), fewer than "
+                f"--max-model-len={self.config.model.max_model_len}: raise the cache size "
+                "(--gpu-memory-utilization, --num-gpu-blocks-override, TESSERA_CPU_KVCACHE_SPACE) "
+                "or lower --max-model-len"
+            )
+
+    # ---- requests -----------------------------------------------------------------
+    def add_request(self, msg: EngineCoreRequest) -> EngineCoreOutput | None:
+        """Queue a request; a request that can never run is answered at once with an error."""
+        error = self._validate(msg)
+        if error is not None:
+            return EngineCoreOutput(msg.request_id, [], finish_reason=FinishReason.ERROR, error=error)
+        self.scheduler.add_request(Request.from_message(msg))
+        return None
+
+    def _validate(self, msg: EngineCoreRequest) -> str | None:
+        n = len(msg.prompt_token_ids)
+        max_len = self.config.model.max_model_len
+        if n == 0:
+            return "the prompt is empty"
+        if n >= max_len:
+            return f"the prompt has {n} tokens, the maximum model length is {max_len}"
+        limit = self.config.model.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(msg.sampling, name)
+            if k is not None and k > limit:
+                return f"{name}={k} is more than the maximum of {limit} (--max-logprobs)"
+        if msg.request_id in self.scheduler.requests:
+            return f"request id {msg.request_id!r} is already in use"
+        return None
+
+    def abort_requests(self, request_ids: list[str]) -> list[EngineCoreOutput]:
+        return self.scheduler.abort_requests(request_ids)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step -----------------------------------------------------------------
+    def step(self) -> EngineCoreOutputs:
+        step_input = self.scheduler.schedule()
+        if not step_input.num_scheduled_tokens:
+            return EngineCoreOutputs([], self.scheduler.stats(), time.time())
+        step_output = self.executor.execute(step_input)
+        if step_output.error is not None:
+            raise RuntimeError(
+                f"step {step_input.step_id} failed on a worker "
+                f"(requests {list(step_input.num_scheduled_tokens)}): {step_output.error}"
+            )
+        outputs = self.scheduler.update(step_input, step_output)
+        stats = self.scheduler.stats()
+        stats.step_tokens = step_input.total_num_scheduled_tokens
+        return EngineCoreOutputs(outputs, stats, time.time())
+
+    # ---- utility calls ------------------------------------------------------------
+    def reset_prefix_cache(self) -> bool:
+        return self.kv.reset_prefix_cache()
+
+    def collective_rpc(self, method: str, args: tuple = ()) -> list[Any]:
+        return self.executor.collective_rpc(method, tuple(args))
+
+    def check_health(self) -> None:
+        self.executor.check_health()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

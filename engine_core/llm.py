@@ -1,0 +1,150 @@
+"""The offline API: `LLM(model=...).generate(prompts, params)`.
+
+    from engine_core import LLM, SamplingParams
+    llm = LLM(model="tessera/smollm2-135m-instruct")
+    outs = llm.generate(["The capital of France is"], SamplingParams(max_tokens=16))
+    print(outs[0].outputs[0].text)
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from engine_core.args import EngineArgs
+from engine_core.config import resolve_config
+from engine_core.core import EngineCore
+from engine_core.output_processor import OutputProcessor
+from engine_core.outputs import RequestOutput
+from engine_core.processor import InputProcessor, PromptType
+from engine_core.sampling_params import RequestOutputKind, SamplingParams
+from engine_core.tokenizer import load_tokenizer
+
+
+class LLM:
+    def __init__(self, model: str = "facebook/opt-125m", **engine_args: Any) -> None:
+        self.config = resolve_config(EngineArgs(model=model, **engine_args))
+        m = self.config.model
+        self.tokenizer = None if m.skip_tokenizer_init else self._load_tokenizer()
+        self.engine = EngineCore(self.config)
+        self.inputs = InputProcessor(self.config, self.tokenizer)
+        self.outputs = OutputProcessor(self.tokenizer)
+        self._ids = itertools.count()
+
+    def _load_tokenizer(self):
+        m = self.config.model
+        assert m.tokenizer is not None
+        return load_tokenizer(m.tokenizer, m.gguf_file if m.tokenizer == m.model_path else None,
+                              m.tokenizer_mode, m.trust_remote_code)
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    # ---- generation ---------------------------------------------------------------
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in the order of the prompts."""
+        prompt_list = _as_prompt_list(prompts)
+        params = _as_params_list(sampling_params, len(prompt_list))
+        ids = [self._add(p, sp, priority[i] if priority else 0)
+               for i, (p, sp) in enumerate(zip(prompt_list, params, strict=True))]
+        finished = self._run(len(ids), use_tqdm)
+        return [finished[i] for i in ids]
+
+    def _add(self, prompt: PromptType, params: SamplingParams | None, priority: int) -> str:
+        text, prompt_ids = self.inputs.tokenize(prompt)
+        self.inputs.check_token_ids(prompt_ids)
+        params = self.inputs.resolve_params(params, len(prompt_ids))
+        params = msgspec.structs.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
+        request_id = str(next(self._ids))
+        self.outputs.add_request(request_id, text, prompt_ids, params)
+        for req in self.inputs.make_requests(request_id, prompt_ids, params, priority):
+            rejected = self.engine.add_request(req)
+            if rejected is not None:
+                self.outputs.abort(request_id)
+                raise ValueError(rejected.error)
+        return request_id
+
+    def _run(self, total: int, use_tqdm: bool) -> dict[str, RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        bar = _progress(total, use_tqdm)
+        while self.outputs.has_unfinished():
+            step = self.engine.step()
+            results, to_abort = self.outputs.process(step.outputs)
+            if to_abort:
+                self.engine.abort_requests(to_abort)
+            for r in results:
+                if r.finished:
+                    finished[r.request_id] = r
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
+        return finished
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> list[RequestOutput]:
+        """Apply the chat template to each conversation, then generate."""
+        if self.tokenizer is None:
+            raise ValueError("chat() needs a tokenizer (the engine runs with --skip-tokenizer-init)")
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts: list[PromptType] = []
+        for conv in convs:
+            text = self.tokenizer.apply_chat_template(
+                conv,
+                chat_template=chat_template,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+            )
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    # ---- utilities ----------------------------------------------------------------
+    def reset_prefix_cache(self) -> bool:
+        return self.engine.reset_prefix_cache()
+
+    def collective_rpc(self, method: str, args: tuple = ()) -> list[Any]:
+        return self.engine.collective_rpc(method, args)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+def _as_prompt_list(prompts) -> list[PromptType]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [list(prompts)]
+    return list(prompts)
+
+
+def _as_params_list(params, n: int) -> list[SamplingParams | None]:
+    if params is None or isinstance(params, SamplingParams):
+        return [params] * n
+    if len(params) != n:
+        raise ValueError(f"{len(params)} sampling params for {n} prompts")
+    return list(params)
+
+
+def _progress(total: int, use_tqdm: bool):
+    if not use_tqdm or total < 2:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="generating", unit="req", dynamic_ncols=True)

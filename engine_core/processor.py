@@ -1,0 +1,124 @@
+"""Client-side input processing: prompts to token ids, SamplingParams to core requests.
+
+Shared by the offline `LLM` and the API server. A request with n > 1 becomes n child
+requests in the core (`{id}-{i}`); with prefix caching they share the prompt blocks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from engine_core.messages import EngineCoreRequest
+from engine_core.sampling_params import SamplingParams
+from executor.config import EngineConfig
+
+PromptType = str | list[int] | dict[str, Any]
+
+
+def child_request_ids(request_id: str, n: int) -> list[str]:
+    return [request_id] if n == 1 else [f"{request_id}-{i}" for i in range(n)]
+
+
+class InputProcessor:
+    def __init__(self, config: EngineConfig, tokenizer: Any | None) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.generation_config = config.model.generation_config
+        self.vocab_size = int(config.model.hf_config.get("vocab_size", 0)) or None
+        self.eos_ids = self._eos_ids()
+
+    def _eos_ids(self) -> list[int]:
+        ids: list[int] = []
+        tok = getattr(self.tokenizer, "eos_token_id", None)
+        if tok is not None:
+            ids.append(tok)
+        gen = self.generation_config.get("eos_token_id")
+        ids += gen if isinstance(gen, list) else ([gen] if gen is not None else [])
+        if not ids and self.config.model.hf_config.get("eos_token_id") is not None:
+            eos = self.config.model.hf_config["eos_token_id"]
+            ids += eos if isinstance(eos, list) else [eos]
+        return list(dict.fromkeys(ids))
+
+    # ---- prompts ------------------------------------------------------------------
+    def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """(prompt text or None, prompt token ids)."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            prompt = prompt["prompt"]
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer (the engine runs with --skip-tokenizer-init)")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise TypeError(f"a prompt is a string, a list of token ids or a dict, not {type(prompt).__name__}")
+
+    def check_token_ids(self, ids: list[int]) -> None:
+        if self.vocab_size and any(t < 0 or t >= self.vocab_size for t in ids):
+            raise ValueError(f"prompt token ids must lie in [0, {self.vocab_size})")
+
+    # ---- sampling parameters -------------------------------------------------------
+    def resolve_params(self, params: SamplingParams | None, num_prompt_tokens: int) -> SamplingParams:
+        """Apply the model's generation defaults, validate, fill max_tokens."""
+        if params is None:
+            params = SamplingParams.from_optional()
+        params = params.with_generation_defaults(self.generation_config)
+        params.validate(max_logprobs=self.config.model.max_logprobs, vocab_size=self.vocab_size)
+        return params
+
+    def _bad_words_ids(self, params: SamplingParams) -> list[list[int]] | None:
+        if not params.bad_words:
+            return None
+        if self.tokenizer is None:
+            raise ValueError("bad_words needs a tokenizer")
+        out = []
+        for word in params.bad_words:
+            # a word may appear at the start of the text or after a space: ban both forms
+            for text in (word, " " + word.lstrip()):
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                if ids and ids not in out:
+                    out.append(ids)
+        return out
+
+    def make_requests(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> list[EngineCoreRequest]:
+        max_model_len = self.config.model.max_model_len
+        max_tokens = params.max_tokens
+        if max_tokens is None:
+            max_tokens = max(max_model_len - len(prompt_ids), 1)
+        options = params.to_options(self.eos_ids, self._bad_words_ids(params))
+        arrival = time.time() if arrival_time is None else arrival_time
+        requests = []
+        for i, rid in enumerate(child_request_ids(request_id, params.n)):
+            opts = options
+            if params.n > 1 and options.seed is not None:
+                # distinct but reproducible samples for each child
+                opts = _replace_seed(options, options.seed + i)
+            requests.append(
+                EngineCoreRequest(
+                    rid,
+                    prompt_ids,
+                    opts,
+                    max_tokens,
+                    self.eos_ids,
+                    params.ignore_eos,
+                    arrival,
+                    priority,
+                )
+            )
+        return requests
+
+
+def _replace_seed(options, seed: int):
+    import msgspec
+
+    return msgspec.structs.replace(options, seed=seed)

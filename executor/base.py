@@ -1,0 +1,44 @@
+"""The executor interface the engine core drives, whatever runs the workers."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+from executor.config import EngineConfig
+from executor.messages import StepInput, StepOutput
+
+
+class Executor(ABC):
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+
+    @abstractmethod
+    def initialize(self) -> int:
+        """Start the workers, load the model, size and allocate the KV cache.
+
+        Returns the number of KV blocks (the minimum over workers).
+        """
+
+    @abstractmethod
+    def execute(self, step: StepInput) -> StepOutput: ...
+
+    @abstractmethod
+    def collective_rpc(self, method: str, args: tuple = ()) -> list[Any]:
+        """Call `method(*args)` on every worker; one result per rank."""
+
+    @abstractmethod
+    def check_health(self) -> None:
+        """Raise if a worker is dead or broken."""
+
+    @abstractmethod
+    def shutdown(self) -> None: ...
+
+
+def make_executor(config: EngineConfig) -> Executor:
+    backend = config.parallel.distributed_executor_backend
+    if backend == "uni":
+        from executor.uni import UniExecutor
+
+        return UniExecutor(config)
+    raise ValueError(f"--distributed-executor-backend={backend}: not available in this build")

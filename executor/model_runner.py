@@ -1,0 +1,232 @@
+"""The model runner: per-request state on the worker, batch building, forward, sampling.
+
+The engine core sends only what changed each step; the runner keeps every request's
+tokens, block table and sampling state, turns a `StepInput` into flat input tensors
+(all tokens of all sequences in one row, no padding), runs the model inside a
+forward context carrying the attention metadata and the KV caches, and samples one
+token for every sequence whose known tokens are all computed after the step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from executor.config import EngineConfig
+from executor.forward_context import AttentionMetadata, ForwardContext, forward_context
+from executor.messages import Logprobs, NewRequest, SamplingOptions, StepInput, StepOutput
+from executor.sampler import Sampler, SamplingBatch, compute_prompt_logprobs
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+@dataclass
+class RequestState:
+    req_id: str
+    token_ids: list[int]  # prompt + sampled so far
+    num_prompt_tokens: int
+    block_ids: list[int]
+    num_computed_tokens: int
+    sampling: SamplingOptions
+    generator: torch.Generator | None = None
+    prompt_logprob_rows: list = field(default_factory=list)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+
+@dataclass
+class _Batch:
+    """Host-side description of one step's batch, in the scheduler's order."""
+
+    states: list[RequestState]
+    num_tokens: list[int]  # tokens computed per request this step
+    sample_rows: list[int]  # indices into states of the requests that sample
+    logits_index: list[int]  # the flat token index of each sampling row's last token
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model: torch.nn.Module, device: torch.device):
+        self.config = config
+        self.model = model
+        self.device = device
+        self.block_size = config.cache.block_size
+        self.vocab_size = int(config.model.hf_config.get("vocab_size", 0))
+        self.requests: dict[str, RequestState] = {}
+        self.kv_caches: list[torch.Tensor] = []
+        self.sampler = Sampler()
+
+    # ---- KV cache ----------------------------------------------------------------
+    def allocate_kv_cache(self, num_blocks: int, num_layers: int, num_kv_heads: int, head_dim: int):
+        dtype = self.kv_cache_dtype()
+        shape = (2, num_blocks, self.block_size, num_kv_heads, head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+
+    def kv_cache_dtype(self) -> torch.dtype:
+        name = self.config.cache.cache_dtype
+        if name in ("fp8", "fp8_e4m3"):
+            return torch.float8_e4m3fn
+        if name == "fp8_e5m2":
+            return torch.float8_e5m2
+        return torch_dtype(self.config.model.dtype)
+
+    # ---- request state -----------------------------------------------------------
+    def _apply_step(self, step: StepInput) -> None:
+        for rid in step.finished_req_ids:
+            self.requests.pop(rid, None)
+        for new in step.new_requests:
+            self.requests[new.req_id] = self._new_state(new)
+        for upd in step.running:
+            state = self.requests[upd.req_id]
+            if upd.resumed:
+                state.block_ids = list(upd.new_block_ids)
+            else:
+                state.block_ids.extend(upd.new_block_ids)
+            state.num_computed_tokens = upd.num_computed_tokens
+
+    def _new_state(self, new: NewRequest) -> RequestState:
+        gen = None
+        if new.sampling.seed is not None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(new.sampling.seed)
+        return RequestState(
+            new.req_id,
+            list(new.token_ids),
+            new.num_prompt_tokens,
+            list(new.block_ids),
+            new.num_computed_tokens,
+            new.sampling,
+            gen,
+        )
+
+    # ---- batch -------------------------------------------------------------------
+    def _plan_batch(self, step: StepInput) -> _Batch:
+        states, counts, sample_rows, logits_index = [], [], [], []
+        offset = 0
+        for rid, n in step.num_scheduled_tokens.items():
+            state = self.requests[rid]
+            if state.num_computed_tokens + n >= len(state.token_ids):
+                sample_rows.append(len(states))
+                logits_index.append(offset + n - 1)
+            states.append(state)
+            counts.append(n)
+            offset += n
+        return _Batch(states, counts, sample_rows, logits_index)
+
+    def _prepare_inputs(self, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        bs = self.block_size
+        starts = np.array([s.num_computed_tokens for s in batch.states], dtype=np.int64)
+        counts = np.array(batch.num_tokens, dtype=np.int64)
+        seq_lens = starts + counts
+        total = int(counts.sum())
+        # positions: for each request, start .. start + n - 1
+        first = np.repeat(np.cumsum(counts) - counts, counts)  # [T] flat index of its row's start
+        positions = np.repeat(starts, counts) + (np.arange(total) - first)
+        input_ids = np.empty(total, dtype=np.int64)
+        max_blocks = max(len(s.block_ids) for s in batch.states)
+        tables = np.zeros((len(batch.states), max_blocks), dtype=np.int32)
+        offsets = np.cumsum(counts) - counts
+        for i, s in enumerate(batch.states):
+            a = offsets[i]
+            input_ids[a : a + counts[i]] = s.token_ids[starts[i] : seq_lens[i]]
+            tables[i, : len(s.block_ids)] = s.block_ids
+        row = np.repeat(np.arange(len(batch.states)), counts)
+        slots = tables[row, positions // bs].astype(np.int64) * bs + positions % bs
+        qsl = np.zeros(len(batch.states) + 1, dtype=np.int32)
+        np.cumsum(counts, out=qsl[1:])
+        attn = AttentionMetadata(
+            slot_mapping=self._to_device(slots),
+            query_start_loc=self._to_device(qsl),
+            seq_lens=self._to_device(seq_lens.astype(np.int32)),
+            block_tables=self._to_device(tables),
+            max_query_len=int(counts.max()),
+            max_seq_len=int(seq_lens.max()),
+            query_start_loc_cpu=qsl.tolist(),
+            seq_lens_cpu=seq_lens.tolist(),
+        )
+        return self._to_device(input_ids), self._to_device(positions), attn
+
+    def _to_device(self, a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(a)
+        return t.to(self.device, non_blocking=True) if self.device.type != "cpu" else t
+
+    # ---- execute -----------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> StepOutput:
+        self._apply_step(step)
+        if not step.num_scheduled_tokens:
+            return StepOutput(step.step_id)
+        batch = self._plan_batch(step)
+        input_ids, positions, attn = self._prepare_inputs(batch)
+        with forward_context(ForwardContext(attn, self.kv_caches)):
+            hidden = self.model(input_ids, positions)  # [T, hidden]
+        prompt_lps = self._prompt_logprobs(batch, hidden)
+        sampled, logprobs = self._sample(batch, hidden)
+        return self._make_output(step, batch, sampled, logprobs, prompt_lps)
+
+    def _sample(self, batch: _Batch, hidden: torch.Tensor):
+        if not batch.sample_rows:
+            return [], {}
+        idx = torch.tensor(batch.logits_index, device=hidden.device)
+        logits = self.model.compute_logits(hidden[idx])  # [S, V] float32
+        states = [batch.states[i] for i in batch.sample_rows]
+        sbatch = SamplingBatch.build(
+            [s.sampling for s in states],
+            [s.token_ids[: s.num_prompt_tokens] for s in states],
+            [s.output_ids for s in states],
+            {i: s.generator for i, s in enumerate(states) if s.generator is not None},
+            logits.shape[-1],
+            logits.device,
+        )
+        out = self.sampler(logits, sbatch)
+        tokens = out.token_ids.tolist()
+        for s, tok in zip(states, tokens, strict=True):
+            s.token_ids.append(tok)
+        return tokens, self._logprobs_by_request(states, out)
+
+    def _logprobs_by_request(self, states: list[RequestState], out) -> dict[str, Logprobs]:
+        if out.logprobs is None:
+            return {}
+        ids, vals, ranks = (t.tolist() for t in out.logprobs)
+        result = {}
+        for i, s in enumerate(states):
+            k = s.sampling.logprobs
+            if k is not None:
+                result[s.req_id] = Logprobs([ids[i][: k + 1]], [vals[i][: k + 1]], [ranks[i]])
+        return result
+
+    def _prompt_logprobs(self, batch: _Batch, hidden: torch.Tensor) -> dict[str, Logprobs]:
+        result = {}
+        offset = 0
+        for s, n in zip(batch.states, batch.num_tokens, strict=True):
+            k = s.sampling.prompt_logprobs
+            start = s.num_computed_tokens
+            # position j predicts token j + 1; only prompt targets count
+            end = min(start + n, s.num_prompt_tokens - 1)
+            if k is not None and end > start:
+                logits = self.model.compute_logits(hidden[offset : offset + end - start])
+                targets = torch.tensor(s.token_ids[start + 1 : end + 1], device=hidden.device)
+                result[s.req_id] = compute_prompt_logprobs(logits, targets, k)
+            offset += n
+        return result
+
+    def _make_output(self, step, batch, sampled, logprobs, prompt_lps) -> StepOutput:
+        per_row: list[list[int]] = [[] for _ in batch.states]
+        for row, tok in zip(batch.sample_rows, sampled, strict=True):
+            per_row[row] = [tok]
+        for s, n in zip(batch.states, batch.num_tokens, strict=True):
+            s.num_computed_tokens += n
+        return StepOutput(
+            step.step_id,
+            [s.req_id for s in batch.states],
+            per_row,
+            logprobs,
+            prompt_lps,
+        )

@@ -1,0 +1,76 @@
+"""A worker: one device, its model, its KV cache and its model runner."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from executor.config import EngineConfig
+from executor.messages import StepInput, StepOutput
+from executor.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, rank: int = 0, local_rank: int = 0) -> None:
+        self.config = config
+        self.rank = rank
+        self.local_rank = local_rank
+        self.device = self._pick_device()
+        self.runner: ModelRunner | None = None
+
+    def _pick_device(self) -> torch.device:
+        if self.config.device.device == "cuda":
+            torch.cuda.set_device(self.local_rank)
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+    def load_model(self) -> None:
+        from executor.loader import load_model
+
+        torch.manual_seed(self.config.model.seed)
+        model = load_model(self.config, self.device)
+        self.runner = ModelRunner(self.config, model, self.device)
+
+    def _cache_shape(self) -> tuple[int, int, int]:
+        from executor.models.registry import kv_cache_shape_info
+
+        return kv_cache_shape_info(self.config.model.hf_config)
+
+    def bytes_per_block(self) -> int:
+        assert self.runner is not None
+        layers, kv_heads, head_dim = self._cache_shape()
+        elem = torch.empty((), dtype=self.runner.kv_cache_dtype()).element_size()
+        return 2 * layers * self.config.cache.block_size * kv_heads * head_dim * elem
+
+    def determine_num_blocks(self) -> int:
+        """How many KV blocks fit: the override, else the memory rule of the device."""
+        cache = self.config.cache
+        if cache.num_gpu_blocks_override is not None:
+            return cache.num_gpu_blocks_override
+        if self.device.type == "cpu":
+            # CPU rule: TESSERA_CPU_KVCACHE_SPACE GiB (default 4) of KV cache
+            return int(cache.cpu_kv_cache_space_gib * (1 << 30)) // self.bytes_per_block()
+        return self._profile_cuda_blocks()
+
+    def _profile_cuda_blocks(self) -> int:
+        from executor.profiling import available_kv_bytes
+
+        assert self.runner is not None
+        free_bytes = available_kv_bytes(self.runner, self.config)
+        blocks = free_bytes // self.bytes_per_block()
+        logger.info("KV cache: %d blocks (%.2f GiB)", blocks, free_bytes / (1 << 30))
+        return int(blocks)
+
+    def init_cache(self, num_blocks: int) -> None:
+        assert self.runner is not None
+        self.runner.allocate_kv_cache(num_blocks, *self._cache_shape())
+
+    def execute(self, step: StepInput) -> StepOutput:
+        assert self.runner is not None
+        return self.runner.execute(step)
+
+    def check_health(self) -> None:
+        return None

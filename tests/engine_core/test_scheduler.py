@@ -1,0 +1,210 @@
+"""Scheduler decisions with exact token counts and block ids (no model: outputs are made up)."""
+
+from __future__ import annotations
+
+import itertools
+
+from engine_core.kv_cache.manager import KVCacheManager
+from engine_core.messages import FinishReason
+from engine_core.request import Request
+from engine_core.scheduler.scheduler import Scheduler
+from executor.config import SchedulerConfig
+from executor.messages import SamplingOptions, StepInput, StepOutput
+
+BLOCK = 4
+_ids = itertools.count()
+
+
+def make_scheduler(num_blocks=64, budget=16, max_seqs=8, prefix=False, **kw) -> Scheduler:
+    cfg = SchedulerConfig(
+        max_num_batched_tokens=budget, max_num_seqs=max_seqs, max_model_len=64, **kw
+    )
+    kv = KVCacheManager(num_blocks, BLOCK, prefix, "builtin", 64)
+    return Scheduler(cfg, kv)
+
+
+def make_request(n_prompt=5, max_tokens=4, priority=0, arrival=0.0, **sampling) -> Request:
+    prompt = [100 + next(_ids) % 50 for _ in range(n_prompt)]
+    return Request(
+        f"r{next(_ids)}",
+        prompt,
+        SamplingOptions(temperature=0.0, **sampling),
+        max_tokens,
+        eos_token_ids=[2],
+        arrival_time=arrival,
+        priority=priority,
+    )
+
+
+def fake_output(s: Scheduler, step: StepInput, token: int = 7) -> StepOutput:
+    """Sample `token` for every request whose known tokens are all computed."""
+    ids, sampled = [], []
+    for rid in step.num_scheduled_tokens:
+        req = s.requests[rid]
+        ids.append(rid)
+        sampled.append([token] if req.num_computed_tokens == req.num_tokens else [])
+    return StepOutput(step.step_id, ids, sampled)
+
+
+def step(s: Scheduler, token: int = 7):
+    inp = s.schedule()
+    outs = s.update(inp, fake_output(s, inp, token))
+    s.kv.check_integrity()
+    return inp, outs
+
+
+def test_long_prompt_is_chunked_by_the_budget():
+    s = make_scheduler(budget=8)
+    r = make_request(n_prompt=20)
+    s.add_request(r)
+    counts = [step(s)[0].num_scheduled_tokens[r.request_id] for _ in range(4)]
+    assert counts == [8, 8, 4, 1]  # three prefill chunks, then a decode
+    assert r.output_token_ids == [7, 7]
+
+
+def test_decodes_are_not_starved_by_a_new_prompt():
+    s = make_scheduler(budget=8)
+    a = make_request(n_prompt=3, max_tokens=10)
+    s.add_request(a)
+    step(s)
+    b = make_request(n_prompt=30)
+    s.add_request(b)
+    inp, _ = step(s)
+    assert inp.num_scheduled_tokens == {a.request_id: 1, b.request_id: 7}
+
+
+def test_max_num_seqs_caps_the_batch():
+    s = make_scheduler(max_seqs=2)
+    reqs = [make_request(n_prompt=2) for _ in range(3)]
+    for r in reqs:
+        s.add_request(r)
+    inp, _ = step(s)
+    assert list(inp.num_scheduled_tokens) == [reqs[0].request_id, reqs[1].request_id]
+
+
+def test_step_carries_only_what_changed():
+    s = make_scheduler()
+    r = make_request(n_prompt=5, max_tokens=8)
+    s.add_request(r)
+    first, _ = step(s)
+    assert [n.req_id for n in first.new_requests] == [r.request_id]
+    assert first.new_requests[0].block_ids == [1, 2]  # block 0 is the null block
+    second, _ = step(s)  # 6 tokens: fits in the 2 blocks
+    assert second.new_requests == [] and second.running[0].new_block_ids == []
+    assert second.running[0].num_computed_tokens == 5
+    step(s)
+    step(s)
+    third, _ = step(s)  # position 8 (the 9th token) needs a third block
+    assert third.running[0].new_block_ids == [3]
+
+
+def test_stop_conditions():
+    s = make_scheduler(budget=32)
+    eos = make_request(max_tokens=5)
+    stop_id = make_request(max_tokens=5, stop_token_ids=[7])
+    stop_id.ignore_eos = True
+    length = make_request(max_tokens=1)
+    length.ignore_eos = True
+    min_tok = make_request(max_tokens=5, min_tokens=2)
+    for r in (eos, stop_id, length, min_tok):
+        s.add_request(r)
+    inp = s.schedule()
+    outs = s.update(inp, fake_output(s, inp, token=2))
+    by_id = {o.request_id: o for o in outs}
+    assert by_id[eos.request_id].finish_reason == FinishReason.STOP
+    assert by_id[stop_id.request_id].finish_reason is None  # ignores EOS; 2 is no stop id
+    assert by_id[length.request_id].finish_reason == FinishReason.LENGTH
+    assert by_id[min_tok.request_id].finish_reason is None  # EOS before min_tokens
+    inp = s.schedule()
+    outs = s.update(inp, fake_output(s, inp, token=7))
+    by_id = {o.request_id: o for o in outs}
+    assert by_id[stop_id.request_id].finish_reason == FinishReason.STOP
+    assert by_id[stop_id.request_id].stop_reason == 7
+    assert inp.finished_req_ids == sorted(inp.finished_req_ids)  # eos + length told to workers
+    assert set(inp.finished_req_ids) == {eos.request_id, length.request_id}
+
+
+def test_preemption_recomputes_the_latest_arrival():
+    # 5 blocks = null + 4 usable: two requests of 8 tokens fill them
+    s = make_scheduler(num_blocks=5)
+    a = make_request(n_prompt=8, max_tokens=6)
+    b = make_request(n_prompt=8, max_tokens=6)
+    s.add_request(a)
+    s.add_request(b)
+    step(s)
+    assert s.kv.num_free_blocks == 0
+    inp, _ = step(s)  # a needs a third block: b is preempted
+    assert inp.preempted_req_ids == [b.request_id]
+    assert inp.num_scheduled_tokens == {a.request_id: 1}
+    assert b.num_computed_tokens == 0 and b.output_token_ids == [7]
+    while a.request_id in s.requests:
+        step(s)
+    inp, _ = step(s)  # b comes back: all 9 known tokens recomputed, whole new table
+    assert inp.num_scheduled_tokens == {b.request_id: 9}
+    assert inp.running[0].resumed and len(inp.running[0].new_block_ids) == 3
+
+
+def test_priority_arrival_preempts_a_running_request():
+    s = make_scheduler(num_blocks=6, policy="priority")
+    low = make_request(n_prompt=16, max_tokens=4, priority=5)
+    s.add_request(low)
+    step(s)
+    high = make_request(n_prompt=8, max_tokens=2, priority=0, arrival=1.0)
+    s.add_request(high)
+    inp, _ = step(s)
+    assert inp.preempted_req_ids == [low.request_id]
+    assert list(inp.num_scheduled_tokens) == [high.request_id]
+
+
+def test_one_partial_prefill_at_a_time():
+    s = make_scheduler(budget=8, max_num_partial_prefills=1)
+    a = make_request(n_prompt=12)
+    b = make_request(n_prompt=12)
+    s.add_request(a)
+    s.add_request(b)
+    inp, _ = step(s)
+    # a takes the whole budget; b may not start a second partial prefill
+    assert inp.num_scheduled_tokens == {a.request_id: 8}
+    inp, _ = step(s)
+    # a's prefill ends this step, so b may start the one partial prefill
+    assert inp.num_scheduled_tokens == {a.request_id: 4, b.request_id: 4}
+
+
+def test_long_prefill_threshold_caps_each_chunk():
+    s = make_scheduler(budget=16, long_prefill_token_threshold=6, max_num_partial_prefills=2,
+                       max_long_partial_prefills=1)
+    long_a = make_request(n_prompt=20)
+    long_b = make_request(n_prompt=20)
+    short = make_request(n_prompt=3)
+    for r in (long_a, long_b, short):
+        s.add_request(r)
+    inp, _ = step(s)
+    # long_a gets a 6-token chunk; long_b may not be a second long partial prefill,
+    # but the short prompt behind it jumps ahead
+    assert inp.num_scheduled_tokens == {long_a.request_id: 6, short.request_id: 3}
+    assert [r.request_id for r in s.waiting] == [long_b.request_id]
+
+
+def test_abort_frees_blocks_and_tells_the_worker():
+    s = make_scheduler()
+    r = make_request(n_prompt=9, max_tokens=10)
+    s.add_request(r)
+    step(s)
+    outs = s.abort_requests([r.request_id])
+    assert outs[0].finish_reason == FinishReason.ABORT
+    assert s.kv.usage == 0.0
+    inp = s.schedule()
+    assert inp.finished_req_ids == [r.request_id]
+
+
+def test_prefix_hits_skip_computed_tokens():
+    s = make_scheduler(prefix=True)
+    a = make_request(n_prompt=9, max_tokens=1)
+    s.add_request(a)
+    step(s)
+    b = Request("b", list(a.prompt_token_ids), SamplingOptions(temperature=0.0), 1)
+    s.add_request(b)
+    inp, outs = step(s)
+    # two full blocks (8 tokens) cached; the 9th is computed again
+    assert inp.num_scheduled_tokens == {"b": 1}
+    assert outs[0].num_cached_tokens == 8
