@@ -169,22 +169,24 @@ class Scheduler:
     def _admit(self, req: Request, plan: _StepPlan) -> _Admit:
         if req.request_id in plan.preempted:
             return _Admit.STOP  # preempted in this very step: not back before the next
-        cached_blocks, num_cached = self.kv.get_computed_blocks(req)
-        remaining = req.num_tokens - num_cached
-        n = min(remaining, plan.budget)
-        if 0 < self.config.long_prefill_token_threshold < n:
-            n = self.config.long_prefill_token_threshold
-        if n < remaining:
-            verdict = self._may_start_partial(req, plan)
-            if verdict is not _Admit.YES:
-                return verdict
-        blocks = self.kv.allocate_slots(req, n, cached_blocks, num_cached)
-        while blocks is None:
+        while True:
+            # looked up again after a preemption: the victim's uncomputed blocks are gone
+            cached_blocks, num_cached = self.kv.get_computed_blocks(req)
+            remaining = req.num_tokens - num_cached
+            n = min(remaining, plan.budget)
+            if 0 < self.config.long_prefill_token_threshold < n:
+                n = self.config.long_prefill_token_threshold
+            if n < remaining:
+                verdict = self._may_start_partial(req, plan)
+                if verdict is not _Admit.YES:
+                    return verdict
+            blocks = self.kv.allocate_slots(req, n, cached_blocks, num_cached)
+            if blocks is not None:
+                break
             victim = self._priority_victim_for(req)
             if victim is None:
                 return _Admit.STOP
             self._preempt(victim, plan)
-            blocks = self.kv.allocate_slots(req, n, cached_blocks, num_cached)
         if req.status == RequestStatus.PREEMPTED and req.request_id in self._known_to_worker:
             self._resumed.add(req.request_id)
         req.status = RequestStatus.RUNNING
