@@ -120,6 +120,7 @@ class SpeculativeConfig(_Frozen):
 
 class ObservabilityConfig(_Frozen):
     disable_log_stats: bool = False
+    disable_log_requests: bool = False  # the API server logs no requests
     otlp_traces_endpoint: str | None = None
     collect_detailed_traces: str | None = None
 
