@@ -46,7 +46,9 @@ def run_hf(args, prompts: list[list[int]], config) -> dict:
     m = config.model
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     kw = {"gguf_file": m.gguf_file} if m.gguf_file else {}
-    folder = m.model_path if not m.gguf_file else str(__import__("pathlib").Path(m.gguf_file).parent)
+    folder = (
+        m.model_path if not m.gguf_file else str(__import__("pathlib").Path(m.gguf_file).parent)
+    )
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype[m.dtype], **kw)
     device = "cuda" if config.device.device == "cuda" else "cpu"
     model.to(device).eval()

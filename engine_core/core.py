@@ -12,6 +12,7 @@ from typing import Any
 
 from engine_core.kv_cache.manager import KVCacheManager
 from engine_core.messages import (
+    UTILITY_METHODS,
     EngineCoreOutput,
     EngineCoreOutputs,
     EngineCoreRequest,
@@ -63,7 +64,9 @@ class EngineCore:
         """Queue a request; a request that can never run is answered at once with an error."""
         error = self._validate(msg)
         if error is not None:
-            return EngineCoreOutput(msg.request_id, [], finish_reason=FinishReason.ERROR, error=error)
+            return EngineCoreOutput(
+                msg.request_id, [], finish_reason=FinishReason.ERROR, error=error
+            )
         self.scheduler.add_request(Request.from_message(msg))
         return None
 
@@ -106,6 +109,19 @@ class EngineCore:
         return EngineCoreOutputs(outputs, stats, time.time())
 
     # ---- utility calls ------------------------------------------------------------
+    def call_utility(self, method: str, args: list) -> Any:
+        """A utility call from the client, by name (only the listed methods)."""
+        if method not in UTILITY_METHODS:
+            raise ValueError(f"unknown utility method {method!r}")
+        impl = getattr(self, method, None)
+        if impl is None:
+            raise NotImplementedError(f"{method} is not available in this build")
+        return impl(*args)
+
+    def get_stats(self) -> dict:
+        stats = self.scheduler.stats()
+        return {name: getattr(stats, name) for name in stats.__struct_fields__}
+
     def reset_prefix_cache(self) -> bool:
         return self.kv.reset_prefix_cache()
 

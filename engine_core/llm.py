@@ -1,9 +1,9 @@
 """The offline API: `LLM(model=...).generate(prompts, params)`.
 
-    from engine_core import LLM, SamplingParams
-    llm = LLM(model="tessera/smollm2-135m-instruct")
-    outs = llm.generate(["The capital of France is"], SamplingParams(max_tokens=16))
-    print(outs[0].outputs[0].text)
+from engine_core import LLM, SamplingParams
+llm = LLM(model="tessera/smollm2-135m-instruct")
+outs = llm.generate(["The capital of France is"], SamplingParams(max_tokens=16))
+print(outs[0].outputs[0].text)
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from typing import Any
 import msgspec
 
 from engine_core.args import EngineArgs
+from engine_core.client import make_sync_client
 from engine_core.config import resolve_config
-from engine_core.core import EngineCore
 from engine_core.output_processor import OutputProcessor
 from engine_core.outputs import RequestOutput
 from engine_core.processor import InputProcessor, PromptType
 from engine_core.sampling_params import RequestOutputKind, SamplingParams
-from engine_core.tokenizer import load_tokenizer
+from engine_core.tokenizer import Tokenizer
 
 
 class LLM:
@@ -29,16 +29,15 @@ class LLM:
         self.config = resolve_config(EngineArgs(model=model, **engine_args))
         m = self.config.model
         self.tokenizer = None if m.skip_tokenizer_init else self._load_tokenizer()
-        self.engine = EngineCore(self.config)
+        self.engine = make_sync_client(self.config)
         self.inputs = InputProcessor(self.config, self.tokenizer)
         self.outputs = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
 
-    def _load_tokenizer(self):
+    def _load_tokenizer(self) -> Tokenizer:
         m = self.config.model
         assert m.tokenizer is not None
-        return load_tokenizer(m.tokenizer, m.gguf_file if m.tokenizer == m.model_path else None,
-                              m.tokenizer_mode, m.trust_remote_code)
+        return Tokenizer.load(m.tokenizer, None, m.tokenizer_mode, m.trust_remote_code)
 
     def get_tokenizer(self):
         return self.tokenizer
@@ -54,8 +53,10 @@ class LLM:
         """Generate for every prompt; outputs come back in the order of the prompts."""
         prompt_list = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompt_list))
-        ids = [self._add(p, sp, priority[i] if priority else 0)
-               for i, (p, sp) in enumerate(zip(prompt_list, params, strict=True))]
+        ids = [
+            self._add(p, sp, priority[i] if priority else 0)
+            for i, (p, sp) in enumerate(zip(prompt_list, params, strict=True))
+        ]
         finished = self._run(len(ids), use_tqdm)
         return [finished[i] for i in ids]
 
@@ -67,20 +68,17 @@ class LLM:
         request_id = str(next(self._ids))
         self.outputs.add_request(request_id, text, prompt_ids, params)
         for req in self.inputs.make_requests(request_id, prompt_ids, params, priority):
-            rejected = self.engine.add_request(req)
-            if rejected is not None:
-                self.outputs.abort(request_id)
-                raise ValueError(rejected.error)
+            self.engine.add_request(req)
         return request_id
 
     def _run(self, total: int, use_tqdm: bool) -> dict[str, RequestOutput]:
         finished: dict[str, RequestOutput] = {}
         bar = _progress(total, use_tqdm)
         while self.outputs.has_unfinished():
-            step = self.engine.step()
+            step = self.engine.get_outputs()
             results, to_abort = self.outputs.process(step.outputs)
             if to_abort:
-                self.engine.abort_requests(to_abort)
+                self.engine.abort(to_abort)
             for r in results:
                 if r.finished:
                     finished[r.request_id] = r
@@ -101,8 +99,12 @@ class LLM:
     ) -> list[RequestOutput]:
         """Apply the chat template to each conversation, then generate."""
         if self.tokenizer is None:
-            raise ValueError("chat() needs a tokenizer (the engine runs with --skip-tokenizer-init)")
-        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+            raise ValueError(
+                "chat() needs a tokenizer (the engine runs with --skip-tokenizer-init)"
+            )
+        convs: list[list[dict[str, Any]]] = (
+            [messages] if messages and isinstance(messages[0], dict) else messages  # type: ignore[list-item,assignment]
+        )
         prompts: list[PromptType] = []
         for conv in convs:
             text = self.tokenizer.apply_chat_template(
@@ -117,13 +119,28 @@ class LLM:
 
     # ---- utilities ----------------------------------------------------------------
     def reset_prefix_cache(self) -> bool:
-        return self.engine.reset_prefix_cache()
+        return self.engine.call("reset_prefix_cache")
 
     def collective_rpc(self, method: str, args: tuple = ()) -> list[Any]:
-        return self.engine.collective_rpc(method, args)
+        return self.engine.call("collective_rpc", method, list(args))
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
+        """Stop the engine (its processes too). Also run at exit and on garbage collection."""
+        engine = self.__dict__.pop("engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:
+            pass
 
 
 def _as_prompt_list(prompts) -> list[PromptType]:

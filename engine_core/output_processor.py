@@ -61,7 +61,9 @@ class OutputProcessor:
         self._parents[request_id] = parent
         ids = child_request_ids(request_id, params.n)
         for i, rid in enumerate(ids):
-            child = _ChildState(parent, i, self._make_detok(prompt_ids, params), CompletionOutput(i))
+            child = _ChildState(
+                parent, i, self._make_detok(prompt_ids, params), CompletionOutput(i)
+            )
             if params.logprobs is not None:
                 child.out.logprobs = []
                 child.out.cumulative_logprob = 0.0

@@ -46,22 +46,37 @@ class InputProcessor:
         """(prompt text or None, prompt token ids)."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+                ids: list[int] = list(prompt["prompt_token_ids"])
+                return prompt.get("prompt"), ids
             prompt = prompt["prompt"]
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("text prompts need a tokenizer (the engine runs with --skip-tokenizer-init)")
+                raise ValueError(
+                    "text prompts need a tokenizer (the engine runs with --skip-tokenizer-init)"
+                )
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
-            return None, list(prompt)
-        raise TypeError(f"a prompt is a string, a list of token ids or a dict, not {type(prompt).__name__}")
+            return None, [int(t) for t in prompt]
+        raise TypeError(
+            f"a prompt is a string, a list of token ids or a dict, not {type(prompt).__name__}"
+        )
 
     def check_token_ids(self, ids: list[int]) -> None:
+        """Refuse a prompt the engine could never run (the core checks again)."""
+        if not ids:
+            raise ValueError("the prompt is empty")
+        max_len = self.config.model.max_model_len
+        if len(ids) >= max_len:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens, the maximum model length is {max_len}"
+            )
         if self.vocab_size and any(t < 0 or t >= self.vocab_size for t in ids):
             raise ValueError(f"prompt token ids must lie in [0, {self.vocab_size})")
 
     # ---- sampling parameters -------------------------------------------------------
-    def resolve_params(self, params: SamplingParams | None, num_prompt_tokens: int) -> SamplingParams:
+    def resolve_params(
+        self, params: SamplingParams | None, num_prompt_tokens: int
+    ) -> SamplingParams:
         """Apply the model's generation defaults, validate, fill max_tokens."""
         if params is None:
             params = SamplingParams.from_optional()

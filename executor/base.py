@@ -41,4 +41,8 @@ def make_executor(config: EngineConfig) -> Executor:
         from executor.uni import UniExecutor
 
         return UniExecutor(config)
+    if backend == "mp":
+        from executor.mp import MpExecutor
+
+        return MpExecutor(config)
     raise ValueError(f"--distributed-executor-backend={backend}: not available in this build")

@@ -17,7 +17,7 @@ class _Frozen(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     pass
 
 
-class ModelConfig(_Frozen):
+class ModelConfig(_Frozen, frozen=True, kw_only=True, forbid_unknown_fields=True):
     model: str  # the name given by the user (or the embedded alias)
     model_path: str  # resolved local folder or .gguf file
     gguf_file: str | None = None  # the .gguf file when loading from GGUF
@@ -48,7 +48,7 @@ class ModelConfig(_Frozen):
         return self.served_model_names[0] if self.served_model_names else self.model
 
 
-class CacheConfig(_Frozen):
+class CacheConfig(_Frozen, frozen=True, kw_only=True, forbid_unknown_fields=True):
     block_size: int = 16
     enable_prefix_caching: bool = True
     prefix_caching_hash_algo: str = "builtin"
@@ -63,7 +63,7 @@ class CacheConfig(_Frozen):
     cpu_kv_cache_space_gib: float = 4.0
 
 
-class ParallelConfig(_Frozen):
+class ParallelConfig(_Frozen, frozen=True, kw_only=True, forbid_unknown_fields=True):
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
@@ -80,7 +80,7 @@ class ParallelConfig(_Frozen):
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
-class SchedulerConfig(_Frozen):
+class SchedulerConfig(_Frozen, frozen=True, kw_only=True, forbid_unknown_fields=True):
     max_num_batched_tokens: int = 8192
     max_num_seqs: int = 256
     max_model_len: int = 2048
@@ -96,11 +96,11 @@ class SchedulerConfig(_Frozen):
     scheduler_cls: str = ""
 
 
-class DeviceConfig(_Frozen):
+class DeviceConfig(_Frozen, frozen=True, kw_only=True, forbid_unknown_fields=True):
     device: str = "cpu"  # resolved: cpu | cuda
 
 
-class LoadConfig(_Frozen):
+class LoadConfig(_Frozen, frozen=True, kw_only=True, forbid_unknown_fields=True):
     load_format: str = "auto"
     download_dir: str | None = None
     use_tqdm_on_load: bool = True
@@ -108,29 +108,29 @@ class LoadConfig(_Frozen):
     model_loader_extra_config: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
-class LoRAConfig(_Frozen):
+class LoRAConfig(_Frozen, frozen=True, kw_only=True, forbid_unknown_fields=True):
     enable_lora: bool = False
     max_loras: int = 1
     max_lora_rank: int = 16
 
 
-class SpeculativeConfig(_Frozen):
+class SpeculativeConfig(_Frozen, frozen=True, kw_only=True, forbid_unknown_fields=True):
     config: dict[str, Any] | None = None
 
 
-class ObservabilityConfig(_Frozen):
+class ObservabilityConfig(_Frozen, frozen=True, kw_only=True, forbid_unknown_fields=True):
     disable_log_stats: bool = False
     disable_log_requests: bool = False  # the API server logs no requests
     otlp_traces_endpoint: str | None = None
     collect_detailed_traces: str | None = None
 
 
-class CompilationConfig(_Frozen):
+class CompilationConfig(_Frozen, frozen=True, kw_only=True, forbid_unknown_fields=True):
     level: int = 0
     cudagraph_capture_sizes: list[int] | None = None
 
 
-class EngineConfig(_Frozen):
+class EngineConfig(_Frozen, frozen=True, kw_only=True, forbid_unknown_fields=True):
     model: ModelConfig
     cache: CacheConfig = CacheConfig()
     parallel: ParallelConfig = ParallelConfig()

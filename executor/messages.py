@@ -55,7 +55,7 @@ class RunningRequest(_Msg):
     resumed: bool = False
 
 
-class StepInput(_Msg):
+class StepInput(_Msg, tag=True):
     step_id: int
     new_requests: list[NewRequest] = []
     running: list[RunningRequest] = []
@@ -81,7 +81,7 @@ class Logprobs(_Msg):
     ranks: list[int]
 
 
-class StepOutput(_Msg):
+class StepOutput(_Msg, tag=True):
     step_id: int
     req_ids: list[str] = []
     # sampled[i]: tokens sampled for req_ids[i] this step (empty while its prefill is partial)
@@ -89,3 +89,46 @@ class StepOutput(_Msg):
     logprobs: dict[str, Logprobs] = {}
     prompt_logprobs: dict[str, Logprobs] = {}
     error: str | None = None
+
+
+# ---- mp executor control messages -------------------------------------------------
+
+
+class WorkerHello(_Msg, tag=True):
+    """A worker process is up and asks for the config."""
+
+    rank: int
+    pid: int
+
+
+class WorkerReady(_Msg, tag=True):
+    """The worker loaded its model; num_blocks is what fits on its device."""
+
+    rank: int
+    num_blocks: int = 0
+    error: str | None = None
+
+
+class WorkerRpc(_Msg, tag=True):
+    """Call a method on every worker (the config is frozen: only methods, no state)."""
+
+    call_id: int
+    method: str
+    args: list = []
+
+
+class WorkerRpcResult(_Msg, tag=True):
+    call_id: int
+    rank: int
+    result: object = None
+    error: str | None = None
+
+
+class WorkerShutdown(_Msg, tag=True):
+    pass
+
+
+# What the engine core broadcasts to every worker.
+ToWorker = StepInput | WorkerRpc | WorkerShutdown
+# What workers send back (steps only from the driver rank).
+FromWorker = StepOutput | WorkerHello | WorkerReady | WorkerRpcResult

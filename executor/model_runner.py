@@ -10,6 +10,7 @@ token for every sequence whose known tokens are all computed after the step.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,7 +54,7 @@ class _Batch:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model: torch.nn.Module, device: torch.device):
+    def __init__(self, config: EngineConfig, model: Any, device: torch.device):
         self.config = config
         self.model = model
         self.device = device
@@ -67,7 +68,9 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int, num_layers: int, num_kv_heads: int, head_dim: int):
         dtype = self.kv_cache_dtype()
         shape = (2, num_blocks, self.block_size, num_kv_heads, head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.kv_caches = [
+            torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)
+        ]
 
     def kv_cache_dtype(self) -> torch.dtype:
         name = self.config.cache.cache_dtype
@@ -108,7 +111,10 @@ class ModelRunner:
 
     # ---- batch -------------------------------------------------------------------
     def _plan_batch(self, step: StepInput) -> _Batch:
-        states, counts, sample_rows, logits_index = [], [], [], []
+        states: list[RequestState] = []
+        counts: list[int] = []
+        sample_rows: list[int] = []
+        logits_index: list[int] = []
         offset = 0
         for rid, n in step.num_scheduled_tokens.items():
             state = self.requests[rid]
@@ -120,7 +126,9 @@ class ModelRunner:
             offset += n
         return _Batch(states, counts, sample_rows, logits_index)
 
-    def _prepare_inputs(self, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def _prepare_inputs(
+        self, batch: _Batch
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         bs = self.block_size
         starts = np.array([s.num_computed_tokens for s in batch.states], dtype=np.int64)
         counts = np.array(batch.num_tokens, dtype=np.int64)

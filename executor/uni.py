@@ -6,12 +6,12 @@ from typing import Any
 
 from executor.base import Executor
 from executor.messages import StepInput, StepOutput
-from executor.worker import Worker
+from executor.worker import make_worker
 
 
 class UniExecutor(Executor):
     def initialize(self) -> int:
-        self.worker = Worker(self.config)
+        self.worker = make_worker(self.config)
         self.worker.load_model()
         num_blocks = self.worker.determine_num_blocks()
         self.worker.init_cache(num_blocks)

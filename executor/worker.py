@@ -74,3 +74,22 @@ class Worker:
 
     def check_health(self) -> None:
         return None
+
+
+def _import_class(qualname: str) -> type:
+    module, _, name = qualname.rpartition(".")
+    if not module:
+        raise ValueError(f"{qualname!r} is not a qualified class name (module.Class)")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+def make_worker(config: EngineConfig, rank: int = 0, local_rank: int = 0) -> Worker:
+    """The worker class (--worker-cls), with --worker-extension-cls mixed in."""
+    par = config.parallel
+    cls: type = Worker if par.worker_cls in ("auto", "") else _import_class(par.worker_cls)
+    if par.worker_extension_cls:
+        ext = _import_class(par.worker_extension_cls)
+        cls = type(f"{ext.__name__}{cls.__name__}", (ext, cls), {})
+    return cls(config, rank, local_rank)

@@ -1,0 +1,118 @@
+"""The worker process of the `mp` executor: one per device.
+
+It says hello, receives the encoded EngineConfig once, loads the model, reports how
+many KV blocks fit, then serves broadcast messages (steps, RPCs) until shutdown.
+Only the driver rank (0) answers steps; every rank answers RPCs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import traceback
+from typing import Any
+
+import msgspec
+import zmq
+
+from executor.config import EngineConfig
+from executor.ipc import Receiver, Sender, die_with_parent
+from executor.messages import (
+    FromWorker,
+    StepInput,
+    StepOutput,
+    ToWorker,
+    WorkerHello,
+    WorkerReady,
+    WorkerRpc,
+    WorkerRpcResult,
+    WorkerShutdown,
+)
+
+logger = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT_MS = 60_000
+
+
+class WorkerAddresses(msgspec.Struct, frozen=True):
+    handshake: str  # DEALER -> the executor's ROUTER: hello, then the config bytes
+    broadcast: str  # SUB <- the executor's XPUB: steps and RPCs
+    results: str  # PUSH -> the executor's PULL
+
+
+def worker_main(rank: int, local_rank: int, addrs: WorkerAddresses, log_level: int) -> None:
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine core decides when we stop
+    logging.basicConfig(
+        level=log_level, format=f"%(asctime)s worker{rank} %(levelname)s %(message)s"
+    )
+    ctx = zmq.Context()
+    results: Sender[FromWorker] = Sender(ctx, zmq.PUSH, addrs.results, bind=False)
+    try:
+        config = _receive_config(ctx, addrs.handshake, rank)
+        sub: Receiver[ToWorker] = Receiver(ctx, zmq.SUB, addrs.broadcast, False, ToWorker)
+        worker = _start_worker(config, rank, local_rank, results)
+        if worker is not None:
+            _serve(worker, rank, sub, results)
+    finally:
+        ctx.destroy(linger=0)
+
+
+def _receive_config(ctx: zmq.Context, addr: str, rank: int) -> EngineConfig:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(addr)
+    sock.send(msgspec.msgpack.encode(WorkerHello(rank, os.getpid())))
+    if not sock.poll(HANDSHAKE_TIMEOUT_MS):
+        raise TimeoutError(f"worker {rank}: no config from the engine core")
+    data = sock.recv()
+    sock.close()
+    return EngineConfig.decode(data)
+
+
+def _start_worker(config: EngineConfig, rank: int, local_rank: int, results: Sender) -> Any:
+    from executor.worker import make_worker
+
+    try:
+        worker = make_worker(config, rank, local_rank)
+        worker.load_model()
+        results.send(WorkerReady(rank, worker.determine_num_blocks()))
+        return worker
+    except Exception:
+        results.send(WorkerReady(rank, error=traceback.format_exc()))
+        return None
+
+
+def _serve(worker: Any, rank: int, sub: Receiver, results: Sender) -> None:
+    while True:
+        try:
+            msg = sub.recv()
+        except msgspec.DecodeError:
+            logger.exception("malformed message dropped")
+            continue
+        if isinstance(msg, StepInput):
+            out = _run_step(worker, msg)
+            if rank == 0 or out.error is not None:
+                results.send(out)
+        elif isinstance(msg, WorkerRpc):
+            results.send(_run_rpc(worker, rank, msg))
+        elif isinstance(msg, WorkerShutdown):
+            return
+
+
+def _run_step(worker: Any, step: StepInput) -> StepOutput:
+    try:
+        return worker.execute(step)
+    except Exception:
+        logger.exception("step %d failed", step.step_id)
+        return StepOutput(step.step_id, error=traceback.format_exc())
+
+
+def _run_rpc(worker: Any, rank: int, call: WorkerRpc) -> WorkerRpcResult:
+    try:
+        result = getattr(worker, call.method)(*call.args)
+        msgspec.msgpack.encode(result)  # fail here, not in the sender, if it can't travel
+        return WorkerRpcResult(call.call_id, rank, result)
+    except Exception as e:
+        return WorkerRpcResult(call.call_id, rank, error=f"{type(e).__name__}: {e}")

@@ -1,0 +1,146 @@
+"""The offline LLM end to end on the CPU: greedy tokens equal transformers, and
+prefix caching, chunked prefill, preemption and batching leave them unchanged."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from engine_core import LLM, SamplingParams
+from tests.helpers.reference import hf_greedy, load_hf_model
+from tests.helpers.tiny_models import make_tiny_model, smollm2_gguf_path
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "opt", "gpt2"]
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(autouse=True)
+def _in_process(monkeypatch):
+    # The engine core in this process: these tests are about tokens, not processes.
+    monkeypatch.setenv("TESSERA_ENABLE_MULTIPROCESSING", "0")
+
+
+def random_prompts(n: int, lengths: tuple[int, int], seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randint(10, 5000) for _ in range(rng.randint(*lengths))] for _ in range(n)]
+
+
+def token_ids(outputs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def tiny(request, tmp_path_factory):
+    path = make_tiny_model(tmp_path_factory.mktemp(request.param), request.param)
+    return request.param, path
+
+
+def test_greedy_matches_transformers(tiny):
+    arch, path = tiny
+    prompts = random_prompts(4, (3, 40), seed=1)
+    llm = LLM(str(path), max_model_len=256, seed=0, enforce_eager=True)
+    got = token_ids(llm.generate(prompts, SamplingParams(max_tokens=16, **GREEDY)))
+    want = hf_greedy(load_hf_model(path), prompts, 16)
+    assert got == want, arch
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_matches_transformers():
+    llm = LLM("tessera/smollm2-135m-instruct", max_model_len=512)
+    tok = llm.get_tokenizer()
+    texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there"]
+    prompts = [tok.encode(t) for t in texts]
+    got = token_ids(llm.generate(prompts, SamplingParams(max_tokens=32, **GREEDY)))
+    want = hf_greedy(load_hf_model(smollm2_gguf_path()), prompts, 32)
+    assert got == want
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return str(make_tiny_model(tmp_path_factory.mktemp("llama-inv"), "llama"))
+
+
+def _run(path: str, prompts, max_tokens=24, **engine_args) -> list[list[int]]:
+    llm = LLM(path, max_model_len=256, **engine_args)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, **GREEDY))
+    llm.shutdown()
+    return token_ids(outs)
+
+
+def test_invariance_prefix_cache_chunking_preemption_batching(llama):
+    shared = random_prompts(1, (40, 40), seed=7)[0]
+    prompts = [shared + p for p in random_prompts(8, (1, 30), seed=3)]
+    prompts += random_prompts(8, (5, 60), seed=4)
+    base = _run(llama, prompts, enable_prefix_caching=False)
+    assert _run(llama, prompts, enable_prefix_caching=True) == base
+    # a token budget of 16: every prompt longer than that is chunked
+    assert _run(llama, prompts, max_num_batched_tokens=16, max_num_seqs=4) == base
+    # 40 blocks of 16 tokens for 16 requests of up to ~100 tokens: preemption
+    assert _run(llama, prompts, num_gpu_blocks_override=40, block_size=16) == base
+    single = [_run(llama, [p])[0] for p in prompts[:4]]
+    assert single == base[:4]
+
+
+def test_prefix_cache_hits_are_reported(llama):
+    llm = LLM(llama, max_model_len=256, block_size=16)
+    prompt = random_prompts(1, (50, 50), seed=9)[0]
+    params = SamplingParams(max_tokens=4, **GREEDY)
+    first = llm.generate([prompt], params)[0]
+    second = llm.generate([prompt], params)[0]
+    assert first.num_cached_tokens == 0
+    assert second.num_cached_tokens == 48  # three full blocks of 16
+    assert second.outputs[0].token_ids == first.outputs[0].token_ids
+    assert llm.reset_prefix_cache()
+    assert llm.generate([prompt], params)[0].num_cached_tokens == 0
+
+
+def test_sampling_features_end_to_end(llama):
+    llm = LLM(llama, max_model_len=256)
+    prompt = random_prompts(1, (10, 10), seed=5)[0]
+    seeded = SamplingParams(max_tokens=12, temperature=1.0, seed=42, n=3, ignore_eos=True)
+    a = llm.generate([prompt], seeded)[0]
+    b = llm.generate([prompt, prompt[:5]], [seeded, seeded])[0]  # other neighbours
+    assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
+    assert len({tuple(o.token_ids) for o in a.outputs}) > 1  # children differ
+    lp = llm.generate(
+        [prompt], SamplingParams(max_tokens=3, logprobs=2, prompt_logprobs=1, **GREEDY)
+    )[0]
+    assert len(lp.outputs[0].logprobs) == 3
+    for pos, tok in zip(lp.outputs[0].logprobs, lp.outputs[0].token_ids, strict=True):
+        assert tok in pos and pos[tok].rank == 1  # greedy picks the top token
+        assert len(pos) == 2
+    assert lp.prompt_logprobs[0] is None and len(lp.prompt_logprobs) == len(prompt)
+
+
+def test_stop_strings_and_max_tokens(llama):
+    llm = LLM(llama, max_model_len=256)
+    prompt = random_prompts(1, (8, 8), seed=11)[0]
+    full = llm.generate([prompt], SamplingParams(max_tokens=20, **GREEDY))[0].outputs[0]
+    assert len(full.token_ids) == 20 and full.finish_reason == "length"
+    stop = full.text[len(full.text) // 2 :][:3]
+    cut = llm.generate([prompt], SamplingParams(max_tokens=20, stop=[stop], **GREEDY))
+    out = cut[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == full.text[: full.text.index(stop)]
+
+
+def test_bad_requests_fail_alone(llama):
+    llm = LLM(llama, max_model_len=64, max_logprobs=5)
+    with pytest.raises(ValueError, match="maximum model length"):
+        llm.generate([list(range(10, 80))], SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="logprobs"):
+        llm.generate([[11, 12]], SamplingParams(max_tokens=4, logprobs=6))
+    ok = llm.generate([[11, 12, 13]], SamplingParams(max_tokens=4, **GREEDY))
+    assert len(ok[0].outputs[0].token_ids) == 4
+
+
+def test_chat_applies_the_template():
+    llm = LLM("tessera/smollm2-135m-instruct", max_model_len=512)
+    out = llm.chat(
+        [{"role": "user", "content": "Say hi."}], SamplingParams(max_tokens=8, temperature=0)
+    )
+    assert "<|im_start|>assistant" in llm.get_tokenizer().decode(
+        out[0].prompt_token_ids, skip_special_tokens=False
+    )
+    assert out[0].outputs[0].text
