@@ -10,7 +10,28 @@ h // (H / Hk).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from kernels.dispatch import (
+    FLOAT_DTYPES,
+    FP8_DTYPES,
+    cast_to,
+    cdiv,
+    check_dim,
+    check_dtype,
+    check_inner_contiguous,
+    check_same_device,
+    dot,
+    interpreting,
+    next_pow2,
+    num_sms,
+    require,
+    tl,
+    triton,
+    use_triton,
+)
 
 
 def _dequant(x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -83,14 +104,520 @@ def paged_attention_ref(
         qm = int(q_lens[idx].max())
         lm = int(lens[idx].max())
         nb = (lm + block - 1) // block
-        rows = qsl[idx, None] + torch.arange(qm)[None]  # [s, qm]
-        valid = torch.arange(qm)[None] < q_lens[idx, None]
+        rows = qsl[idx, None] + torch.arange(qm, device=q.device)[None]  # [s, qm]
+        valid = torch.arange(qm, device=q.device)[None] < q_lens[idx, None]
         rows = torch.where(valid, rows, qsl[idx, None])
-        q_pos = lens[idx, None] - q_lens[idx, None] + torch.arange(qm)[None]
+        q_pos = lens[idx, None] - q_lens[idx, None] + torch.arange(qm, device=q.device)[None]
         k = _gather_kv(k_cache, block_tables[idx], nb, k_scale)
         v = _gather_kv(v_cache, block_tables[idx], nb, v_scale)
         o = _attend(q[rows].float(), k, v, q_pos, lens[idx], scale, sliding_window, soft_cap)
         out[rows[valid]] = o[valid].to(out.dtype)
+
+
+# ---- Triton ------------------------------------------------------------------------------
+#
+# One program owns a tile of BLOCK_M rows for one sequence and one KV head: BLOCK_M // GROUP
+# consecutive query tokens times the GROUP query heads that share that KV head (GROUP is
+# H / Hk rounded up to a power of two; padding rows are masked). Packing the heads of a
+# group into the rows lets one load of a K/V tile serve all of them, which is what makes
+# GQA decode cheap, and gives tl.dot at least 16 rows even for a single decode token.
+# The program walks the context BLOCK_N keys at a time, looking up each key's physical
+# block in the block table, with an online (flash-attention) softmax in base 2. Key steps
+# that every row of the tile sees whole (below the diagonal, inside the window) skip the
+# mask; only the steps at the diagonal and the window's edge compute it.
+#
+# A mixed batch takes two launches of the same kernel: one with 16-row tiles for the
+# sequences whose queries fit one such tile (decodes), one with 64/128-row tiles for the
+# longer ones; each skips the other's sequences. Decodes then never pay for 128-row tiles.
+
+SPLIT_KV_MIN_SEQ_LEN = 256  # below this a decode batch never splits its contexts
+SPLIT_KV_MIN_PARTITION = 128  # nor does a split cover fewer keys than this
+SPLIT_KV_MAX_SPLITS = 64
+
+
+@triton.jit
+def _attend_keys(
+    acc,
+    l_i,
+    m_i,
+    q,  # [M, D]
+    k_base,
+    v_base,
+    table,  # this sequence's block-table row
+    start_lo,
+    start_hi,  # key steps [start_lo, start_hi), multiples of BLOCK_N
+    hi,  # keys at or past hi are masked
+    pos,  # [M] query positions
+    d,
+    d_ok,
+    qk_scale,
+    soft_cap,
+    sliding_window,
+    stride_kb,
+    stride_kt,
+    stride_vb,
+    stride_vt,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    MASKED: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    USE_SOFT_CAP: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    for start in range(start_lo, start_hi, BLOCK_N):
+        kpos = start + tl.arange(0, BLOCK_N)  # [N]
+        if MASKED:
+            k_ok = kpos < hi
+        else:
+            k_ok = kpos >= 0  # every key of the step is in range
+        block = tl.load(table + kpos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
+        slot_in_block = kpos % BLOCK_SIZE
+        k_offs = block * stride_kb + slot_in_block * stride_kt  # [N]
+        k = tl.load(
+            k_base + k_offs[None, :] + d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0
+        ).to(q.dtype)  # [D, N]
+        s = dot(q, k, PRECISION, INTERPRET) * qk_scale  # [M, N]
+        if USE_SOFT_CAP:
+            s = soft_cap * (2.0 * tl.sigmoid(2.0 * s / soft_cap) - 1.0)  # cap * tanh(s / cap)
+        s = s * 1.4426950408889634  # to base 2
+        if MASKED:
+            ok = (kpos[None, :] <= pos[:, None]) & k_ok[None, :]
+            if USE_WINDOW:
+                ok = ok & (pos[:, None] - kpos[None, :] < sliding_window)
+            s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_offs = block * stride_vb + slot_in_block * stride_vt
+        v = tl.load(
+            v_base + v_offs[:, None] + d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0
+        ).to(q.dtype)  # [N, D]
+        acc = acc * alpha[:, None] + dot(cast_to(p, q.dtype, INTERPRET), v, PRECISION, INTERPRET)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(
+    do_not_specialize=["tiles_per_seq", "partition_size", "min_q_len", "max_q_len", "stride_bt"]
+)
+def _paged_attention_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    part_acc_ptr,  # split-KV partials [T, H, splits, D] (unused unless SPLIT)
+    part_m_ptr,  # [T, H, splits]: running max, base-2 logits
+    part_l_ptr,  # [T, H, splits]: softmax denominator
+    query_start_loc_ptr,
+    seq_lens_ptr,
+    block_tables_ptr,
+    qk_scale,  # softmax scale * k_scale
+    soft_cap,
+    v_scale,
+    sliding_window,
+    tiles_per_seq,
+    partition_size,
+    min_q_len,  # this launch skips sequences with fewer queries...
+    max_q_len,  # ...or more
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_bt,
+    QUERIES_PER_KV: tl.constexpr,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+    USE_SOFT_CAP: tl.constexpr,
+    SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    BLOCK_Q: tl.constexpr = BLOCK_M // GROUP
+    seq = tl.program_id(0) // tiles_per_seq
+    # The last tiles of a sequence see the most keys: start them first.
+    tile = tiles_per_seq - 1 - tl.program_id(0) % tiles_per_seq
+    kv_head = tl.program_id(1)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    if (tile * BLOCK_Q >= q_len) | (q_len < min_q_len) | (q_len > max_q_len):
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    first_pos = seq_len - q_len + tile * BLOCK_Q  # position of the tile's first query
+
+    rows = tl.arange(0, BLOCK_M)
+    tok = tile * BLOCK_Q + rows // GROUP  # [M] query index within the sequence
+    head = kv_head * QUERIES_PER_KV + rows % GROUP  # [M]
+    row_ok = (tok < q_len) & (rows % GROUP < QUERIES_PER_KV)
+    pos = seq_len - q_len + tok  # [M]
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+
+    q_offs = (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
+    q = tl.load(q_ptr + q_offs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [M, D]
+
+    # Keys [lo, hi): up to the tile's last query, from the window start of its first.
+    # Keys [full_lo, full_hi) are seen by every row: no mask needed there.
+    hi = tl.minimum(first_pos + BLOCK_Q, seq_len)
+    full_hi = first_pos + 1
+    lo = 0
+    full_lo = 0
+    if USE_WINDOW:
+        lo = tl.maximum(first_pos - sliding_window + 1, 0)
+        full_lo = tl.maximum(hi - sliding_window, 0)
+    if SPLIT:
+        split = tl.program_id(2)
+        lo = tl.maximum(lo, split * partition_size)
+        hi = tl.minimum(hi, (split + 1) * partition_size)
+        full_lo = tl.maximum(full_lo, lo)
+        full_hi = tl.minimum(full_hi, hi)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    # Whole unmasked steps [u_lo, u_hi); masked steps before and after them.
+    u_lo = tl.cdiv(full_lo, BLOCK_N) * BLOCK_N
+    u_hi = tl.maximum((full_hi // BLOCK_N) * BLOCK_N, u_lo)
+
+    # A finite floor keeps fully masked rows free of inf - inf.
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    k_base = k_cache_ptr + kv_head * stride_kh
+    v_base = v_cache_ptr + kv_head * stride_vh
+    acc, l_i, m_i = _attend_keys(
+        acc, l_i, m_i, q, k_base, v_base, table, lo, tl.minimum(u_lo, hi), hi, pos, d, d_ok,
+        qk_scale, soft_cap, sliding_window, stride_kb, stride_kt, stride_vb, stride_vt,
+        BLOCK_N, BLOCK_SIZE, True, USE_WINDOW, USE_SOFT_CAP, PRECISION, INTERPRET,
+    )  # fmt: skip
+    acc, l_i, m_i = _attend_keys(
+        acc, l_i, m_i, q, k_base, v_base, table, u_lo, u_hi, hi, pos, d, d_ok,
+        qk_scale, soft_cap, sliding_window, stride_kb, stride_kt, stride_vb, stride_vt,
+        BLOCK_N, BLOCK_SIZE, False, USE_WINDOW, USE_SOFT_CAP, PRECISION, INTERPRET,
+    )  # fmt: skip
+    acc, l_i, m_i = _attend_keys(
+        acc, l_i, m_i, q, k_base, v_base, table, u_hi, hi, hi, pos, d, d_ok,
+        qk_scale, soft_cap, sliding_window, stride_kb, stride_kt, stride_vb, stride_vt,
+        BLOCK_N, BLOCK_SIZE, True, USE_WINDOW, USE_SOFT_CAP, PRECISION, INTERPRET,
+    )  # fmt: skip
+
+    if SPLIT:
+        num_heads = tl.num_programs(1) * QUERIES_PER_KV
+        num_splits = tl.num_programs(2)
+        part = ((q_start + tok) * num_heads + head) * num_splits + tl.program_id(2)  # [M]
+        tl.store(part_m_ptr + part, m_i, mask=row_ok)
+        tl.store(part_l_ptr + part, l_i, mask=row_ok)
+        part_offs = part.to(tl.int64)[:, None] * HEAD_DIM + d[None, :]
+        tl.store(part_acc_ptr + part_offs, acc * v_scale, mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        o = acc * (v_scale / tl.where(l_i > 0.0, l_i, 1.0))[:, None]
+        o_offs = (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+        o = cast_to(o, out_ptr.dtype.element_ty, INTERPRET)
+        tl.store(out_ptr + o_offs, o, mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["num_splits"])
+def _split_kv_reduce_kernel(
+    out_ptr,
+    part_acc_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    query_start_loc_ptr,
+    num_splits,
+    stride_ot,
+    stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    # Merge the partitions of one (decode token, head): rescale each partial sum by
+    # 2^(m_s - max m) and divide by the equally rescaled denominators.
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    if tl.load(query_start_loc_ptr + seq + 1) == q_start:
+        return
+    splits = tl.arange(0, BLOCK_S)
+    s_ok = splits < num_splits
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    row = (q_start * tl.num_programs(1) + head) * num_splits
+    m = tl.load(part_m_ptr + row + splits, mask=s_ok, other=-1.0e30)  # [S]
+    l_s = tl.load(part_l_ptr + row + splits, mask=s_ok, other=0.0)  # [S]
+    w = tl.exp2(m - tl.max(m, 0))  # [S]
+    denom = tl.sum(w * l_s, 0)
+    acc_offs = (row + splits).to(tl.int64)[:, None] * HEAD_DIM + d[None, :]
+    acc = tl.load(part_acc_ptr + acc_offs, mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    o = tl.sum(acc * w[:, None], 0) / tl.where(denom > 0.0, denom, 1.0)  # [D]
+    o = cast_to(o, out_ptr.dtype.element_ty, INTERPRET)
+    tl.store(out_ptr + q_start * stride_ot + head * stride_oh + d, o, mask=d_ok)
+
+
+def _check_attention_args(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+) -> None:
+    check_dim("q", q, (3,))
+    check_dim("k_cache", k_cache, (4,))
+    require(
+        v_cache.shape == k_cache.shape,
+        lambda: f"v_cache {tuple(v_cache.shape)} != k_cache {tuple(k_cache.shape)}",
+    )
+    require(out.shape == q.shape, lambda: f"out {tuple(out.shape)} != q {tuple(q.shape)}")
+    h, d = q.shape[1:]
+    hk, dk = k_cache.shape[2:]
+    require(dk == d, lambda: f"head size of q ({d}) and of the cache ({dk}) differ")
+    require(16 <= d <= 256, lambda: f"head size {d} not supported (16..256)")
+    require(hk > 0 and h % hk == 0, lambda: f"query heads ({h}) not a multiple of kv heads ({hk})")
+    check_dtype("q", q, FLOAT_DTYPES)
+    check_dtype("out", out, FLOAT_DTYPES)
+    check_dtype("k_cache", k_cache, (q.dtype, *FP8_DTYPES))
+    require(
+        v_cache.dtype == k_cache.dtype,
+        lambda: f"v_cache {v_cache.dtype} != k_cache {k_cache.dtype}",
+    )
+    for name, t in (("query_start_loc", query_start_loc), ("seq_lens", seq_lens)):
+        check_dim(name, t, (1,))
+        check_dtype(name, t, (torch.int32, torch.int64))
+        require(t.is_contiguous(), name + " must be contiguous")
+    check_dim("block_tables", block_tables, (2,))
+    check_dtype("block_tables", block_tables, (torch.int32, torch.int64))
+    num_seqs = seq_lens.shape[0]
+    require(
+        query_start_loc.shape[0] == num_seqs + 1, "query_start_loc must have num_seqs + 1 entries"
+    )
+    require(block_tables.shape[0] >= num_seqs, "block_tables has fewer rows than seq_lens")
+    for name, t in (("q", q), ("out", out), ("k_cache", k_cache), ("v_cache", v_cache)):
+        check_inner_contiguous(name, t)
+    check_inner_contiguous("block_tables", block_tables)
+    check_same_device(
+        q=q,
+        k_cache=k_cache,
+        v_cache=v_cache,
+        out=out,
+        query_start_loc=query_start_loc,
+        seq_lens=seq_lens,
+        block_tables=block_tables,
+    )
+
+
+def _tile_config(rows: int, group: int, block_d: int, block_size: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for tiles of `rows` live rows at most.
+
+    Picked from H100 timings (bench/kernels_gpu.py). Decode tiles: 16 rows (tl.dot's
+    least), 64 keys a step, 2 warps and 3 stages, which keeps more loads in flight per
+    byte (FP8 caches gain most: 354 -> 253 us at 64 x 4096 tokens). Longer queries:
+    128 x 128 tiles on 8 warps (324 TFLOP/s on a causal 4096 prefill), 64-row tiles for
+    shorter queries and for head sizes over 128, whose accumulator would not fit 128 rows
+    in registers. A step never reads part of a cache block when blocks are up to 128 long.
+    """
+    small_d = block_d <= 128
+    if rows <= 16:
+        block_m, block_n, num_warps, num_stages = 16, 64 if small_d else 32, 2, 3
+    elif rows <= 64 or not small_d:
+        block_m, block_n, num_warps, num_stages = 64, 64 if small_d else 32, 4, 3 if small_d else 2
+    else:
+        block_m, block_n, num_warps, num_stages = 128, 128, 8, 3
+    if block_m < group:  # one token's query heads must fit a tile
+        block_m, num_warps = group, 4
+    if block_size & (block_size - 1) == 0:
+        block_n = max(block_n, min(block_size, 128 if small_d else 64))
+    return block_m, block_n, num_warps, num_stages
+
+
+def _launch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_query_len: int,
+    max_seq_len: int,
+    scale: float,
+    sliding_window: int,
+    soft_cap: float,
+    k_scale: float,
+    v_scale: float,
+    num_splits: int,
+) -> None:
+    num_seqs = seq_lens.shape[0]
+    num_heads, head_dim = q.shape[1:]
+    block_size, num_kv_heads = k_cache.shape[1:3]
+    if q.shape[0] == 0 or num_seqs == 0 or max_query_len <= 0:
+        return
+    group = next_pow2(num_heads // num_kv_heads)
+    block_d = max(16, next_pow2(head_dim))
+    # (min, max) query length of the sequences each launch takes, and its tile rows.
+    short_q = max(16, group) // group  # queries that fit one decode-sized tile
+    if max_query_len <= short_q:
+        launches = [(0, max_query_len, max_query_len * group)]
+    else:
+        launches = [
+            (0, short_q, short_q * group),
+            (short_q + 1, max_query_len, max_query_len * group),
+        ]
+    partials = _split_partials(q, max_seq_len, num_splits, group, block_d, block_size)
+    for min_q, max_q, rows in launches:
+        block_m, block_n, num_warps, num_stages = _tile_config(rows, group, block_d, block_size)
+        tiles_per_seq = cdiv(max_q, block_m // group)
+        grid = (num_seqs * tiles_per_seq, num_kv_heads, partials.num_splits)
+        _paged_attention_kernel[grid](
+            q, k_cache, v_cache, out, partials.acc, partials.m, partials.l,
+            query_start_loc, seq_lens, block_tables,
+            scale * k_scale, soft_cap, v_scale, sliding_window, tiles_per_seq,
+            partials.partition_size, min_q, max_q,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+            QUERIES_PER_KV=num_heads // num_kv_heads, GROUP=group, HEAD_DIM=head_dim,
+            BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size,
+            USE_WINDOW=sliding_window > 0, USE_SOFT_CAP=soft_cap > 0,
+            SPLIT=partials.num_splits > 1,
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=interpreting(),
+            num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
+    if partials.num_splits > 1:
+        _split_kv_reduce_kernel[(num_seqs, num_heads)](
+            out, partials.acc, partials.m, partials.l, query_start_loc, partials.num_splits,
+            out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=next_pow2(partials.num_splits),
+            INTERPRET=interpreting(), num_warps=4,
+        )  # fmt: skip
+
+
+@dataclass
+class _SplitPartials:
+    """Split-KV buffers: each partition's unnormalized output, running max and sum."""
+
+    num_splits: int
+    partition_size: int
+    acc: torch.Tensor  # [T, H, splits, D] float32
+    m: torch.Tensor  # [T, H, splits] float32
+    l: torch.Tensor  # noqa: E741  [T, H, splits] float32
+
+
+def _split_partials(
+    q: torch.Tensor, max_seq_len: int, num_splits: int, group: int, block_d: int, block_size: int
+) -> _SplitPartials:
+    if num_splits <= 1:
+        return _SplitPartials(1, 0, q, q, q)  # placeholders, never touched
+    _, block_n, _, _ = _tile_config(group, group, block_d, block_size)
+    # Whole BLOCK_N steps per partition; rounding up may leave fewer partitions.
+    partition_size = cdiv(cdiv(max_seq_len, num_splits), block_n) * block_n
+    num_splits = cdiv(max_seq_len, partition_size)
+    t, h, d = q.shape
+    acc = torch.empty((t, h, num_splits, d), dtype=torch.float32, device=q.device)
+    m = torch.empty((t, h, num_splits), dtype=torch.float32, device=q.device)
+    return _SplitPartials(num_splits, partition_size, acc, m, torch.empty_like(m))
+
+
+def paged_attention_triton(
+    q: torch.Tensor,  # [T, H, D]
+    k_cache: torch.Tensor,  # [N, B, Hk, D]
+    v_cache: torch.Tensor,  # [N, B, Hk, D]
+    out: torch.Tensor,  # [T, H, D], written
+    query_start_loc: torch.Tensor,  # [S + 1] int32
+    seq_lens: torch.Tensor,  # [S] int32
+    block_tables: torch.Tensor,  # [S, M] int32
+    max_query_len: int,
+    max_seq_len: int,
+    scale: float,
+    sliding_window: int = 0,
+    soft_cap: float = 0.0,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> None:
+    """Triton `paged_attention_ref` over the whole batch, with no host sync.
+
+    One launch for a batch whose queries all fit a 16-row tile (decodes); a mixed batch
+    takes two launches of the same kernel, decode-sized tiles for its short queries and
+    64/128-row tiles for its long ones. max_query_len sizes the grid and must be at least
+    every sequence's query length (not checked on the device). Raises ValueError on bad
+    shapes, strides or dtypes.
+    """
+    _check_attention_args(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables)
+    _launch(
+        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, max_query_len,
+        max_seq_len, scale, sliding_window, soft_cap, k_scale, v_scale, num_splits=1,
+    )  # fmt: skip
+
+
+def paged_attention_split_kv_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_query_len: int,
+    max_seq_len: int,
+    scale: float,
+    sliding_window: int = 0,
+    soft_cap: float = 0.0,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+    *,
+    num_splits: int = 8,
+) -> None:
+    """Split-KV (flash-decoding) `paged_attention_ref` for decode-only batches.
+
+    Each (sequence, KV head) context is cut into up to `num_splits` partitions of whole
+    BLOCK_N steps, attended in parallel; a second kernel merges the partial softmaxes.
+    Every query length must be 0 or 1 (max_query_len == 1), and max_seq_len must be at
+    least every seq_lens entry: keys past num_splits partitions of it are never read.
+    Under CUDA graphs pass the longest context a replay may see.
+    """
+    _check_attention_args(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables)
+    require(
+        max_query_len == 1,
+        lambda: f"split-KV attention needs max_query_len == 1, got {max_query_len}",
+    )
+    require(num_splits >= 1, lambda: f"num_splits must be >= 1, got {num_splits}")
+    _launch(
+        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, max_query_len,
+        max_seq_len, scale, sliding_window, soft_cap, k_scale, v_scale, num_splits=num_splits,
+    )  # fmt: skip
+
+
+def choose_num_splits(
+    num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_len: int, sms: int
+) -> int:
+    """How many partitions `paged_attention` gives each context (1 = no split-KV).
+
+    The one-pass kernel runs one program per (sequence, KV head) for a decode batch; when
+    those are fewer than the multiprocessors, most of the GPU idles while each program
+    walks its context alone. Then, and only for decode-only batches (max_query_len == 1)
+    with contexts of at least SPLIT_KV_MIN_SEQ_LEN keys, the contexts are cut into enough
+    partitions for about two programs per multiprocessor, each at least
+    SPLIT_KV_MIN_PARTITION keys long, at most SPLIT_KV_MAX_SPLITS of them. On an H100
+    (132 SMs, 8 KV heads) this gives 32 splits at batch 1 and 4K context (81 -> 11 us),
+    8 at batch 4 and 1K, 3 at batch 16; none from batch 17 on, where splitting measured
+    no faster.
+    """
+    programs = num_seqs * num_kv_heads
+    if max_query_len != 1 or max_seq_len < SPLIT_KV_MIN_SEQ_LEN or programs >= sms:
+        return 1
+    wanted = cdiv(2 * sms, max(1, programs))
+    return max(1, min(wanted, max_seq_len // SPLIT_KV_MIN_PARTITION, SPLIT_KV_MAX_SPLITS))
 
 
 def paged_attention(
@@ -109,7 +636,22 @@ def paged_attention(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
 ) -> None:
-    paged_attention_ref(
+    """Attention of every query in the batch over its paged context, written into out.
+
+    On CUDA (see kernels.dispatch) the Triton kernels run: split-KV when
+    `choose_num_splits` says so (long decode-only batches), else the one-pass kernel.
+    Elsewhere `paged_attention_ref` runs.
+    """
+    args = (
         q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables,
         max_query_len, max_seq_len, scale, sliding_window, soft_cap, k_scale, v_scale,
-    )
+    )  # fmt: skip
+    if not use_triton(q):
+        paged_attention_ref(*args)
+        return
+    sms = num_sms(q.device.index if q.device.index is not None else 0) if q.is_cuda else 1
+    splits = choose_num_splits(seq_lens.shape[0], k_cache.shape[2], max_query_len, max_seq_len, sms)
+    if splits > 1:
+        paged_attention_split_kv_triton(*args, num_splits=splits)
+    else:
+        paged_attention_triton(*args)

@@ -9,6 +9,22 @@ from __future__ import annotations
 
 import torch
 
+from kernels.dispatch import (
+    FLOAT_DTYPES,
+    FP8_DTYPES,
+    cast_to,
+    check_dim,
+    check_dtype,
+    check_inner_contiguous,
+    check_same_device,
+    interpreting,
+    next_pow2,
+    require,
+    tl,
+    triton,
+    use_triton,
+)
+
 
 def write_kv_ref(
     key: torch.Tensor,  # [T, Hk, D]
@@ -29,6 +45,125 @@ def write_kv_ref(
         cache.view(-1, hk, d)[slots] = src.to(cache.dtype)
 
 
+@triton.jit
+def _write_kv_kernel(
+    key_ptr,
+    value_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_mapping_ptr,
+    k_scale,
+    v_scale,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_kcb,
+    stride_kct,
+    stride_kch,
+    stride_vcb,
+    stride_vct,
+    stride_vch,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    FP8: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    # One program copies BLOCK_H heads of one token's key and value rows into its slot.
+    token = tl.program_id(0)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot < 0:
+        return
+    block = slot // BLOCK_SIZE
+    offset = slot % BLOCK_SIZE
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    mask = (h < NUM_KV_HEADS)[:, None] & (d < HEAD_DIM)[None, :]
+    src_t = token.to(tl.int64)
+
+    k = tl.load(key_ptr + src_t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
+    v = tl.load(value_ptr + src_t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
+    if FP8:
+        # Exact division, as the reference does, before the one rounding to FP8.
+        k = tl.math.div_rn(k.to(tl.float32), k_scale)
+        v = tl.math.div_rn(v.to(tl.float32), v_scale)
+    k_dst = block * stride_kcb + offset * stride_kct + h[:, None] * stride_kch + d[None, :]
+    v_dst = block * stride_vcb + offset * stride_vct + h[:, None] * stride_vch + d[None, :]
+    tl.store(k_cache_ptr + k_dst, cast_to(k, k_cache_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    tl.store(v_cache_ptr + v_dst, cast_to(v, v_cache_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+def _check_write_kv_args(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    check_dim("key", key, (3,))
+    check_dim("k_cache", k_cache, (4,))
+    require(
+        value.shape == key.shape, lambda: f"value {tuple(value.shape)} != key {tuple(key.shape)}"
+    )
+    require(
+        v_cache.shape == k_cache.shape,
+        lambda: f"v_cache {tuple(v_cache.shape)} != k_cache {tuple(k_cache.shape)}",
+    )
+    require(
+        key.shape[1:] == k_cache.shape[2:],
+        lambda: f"key heads/head size {tuple(key.shape[1:])} != cache {tuple(k_cache.shape[2:])}",
+    )
+    check_dim("slot_mapping", slot_mapping, (1,))
+    require(slot_mapping.shape[0] == key.shape[0], "slot_mapping must have one entry per token")
+    check_dtype("slot_mapping", slot_mapping, (torch.int32, torch.int64))
+    require(slot_mapping.is_contiguous(), "slot_mapping must be contiguous")
+    check_dtype("key", key, FLOAT_DTYPES)
+    check_dtype("value", value, FLOAT_DTYPES)
+    check_dtype("k_cache", k_cache, FLOAT_DTYPES + FP8_DTYPES)
+    require(
+        v_cache.dtype == k_cache.dtype,
+        lambda: f"v_cache {v_cache.dtype} != k_cache {k_cache.dtype}",
+    )
+    for name, t in (("key", key), ("value", value), ("k_cache", k_cache), ("v_cache", v_cache)):
+        check_inner_contiguous(name, t)
+    check_same_device(
+        key=key, value=value, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping
+    )
+
+
+def write_kv_triton(
+    key: torch.Tensor,  # [T, Hk, D], any token/head strides
+    value: torch.Tensor,  # [T, Hk, D]
+    k_cache: torch.Tensor,  # [N, B, Hk, D]
+    v_cache: torch.Tensor,  # [N, B, Hk, D]
+    slot_mapping: torch.Tensor,  # [T] int64
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> None:
+    """Triton `write_kv_ref`. Slots must lie inside the cache (not checked on the
+    device). Raises ValueError on bad shapes, strides or dtypes."""
+    _check_write_kv_args(key, value, k_cache, v_cache, slot_mapping)
+    num_tokens, num_kv_heads, head_dim = key.shape
+    if num_tokens == 0:
+        return
+    block_d = next_pow2(head_dim)
+    # About 4K elements (8 KB of bf16) per program: whole tokens for common shapes.
+    block_h = min(next_pow2(num_kv_heads), max(1, 4096 // block_d))
+    grid = (num_tokens, -(-num_kv_heads // block_h))
+    _write_kv_kernel[grid](
+        key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_H=block_h, BLOCK_D=block_d, FP8=k_cache.dtype in FP8_DTYPES,
+        INTERPRET=interpreting(), num_warps=4,
+    )  # fmt: skip
+
+
 def write_kv(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -38,4 +173,9 @@ def write_kv(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
 ) -> None:
-    write_kv_ref(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    """Write each token's key and value rows into its cache slot (slot < 0: skipped).
+    Triton on CUDA, `write_kv_ref` elsewhere (see kernels.dispatch)."""
+    if use_triton(key):
+        write_kv_triton(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    else:
+        write_kv_ref(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)

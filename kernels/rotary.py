@@ -9,6 +9,21 @@ from __future__ import annotations
 
 import torch
 
+from kernels.dispatch import (
+    FLOAT_DTYPES,
+    cast_to,
+    check_dim,
+    check_dtype,
+    check_inner_contiguous,
+    check_same_device,
+    interpreting,
+    next_pow2,
+    require,
+    tl,
+    triton,
+    use_triton,
+)
+
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
     # x: [T, H, rot_dim], cos/sin: [T, 1, rot_dim // 2]
@@ -36,6 +51,143 @@ def rotary_embedding_ref(
         v[..., :rot_dim] = _rotate(rot, cos, sin, is_neox).to(x.dtype)
 
 
+@triton.jit
+def _rotate_heads(
+    x_ptr,  # this token's first head
+    stride_h,
+    cos,  # [1, R] float32
+    sin,
+    NUM_HEADS: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    IS_NEOX: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    dtype = x_ptr.dtype.element_ty
+    for h0 in tl.static_range(0, NUM_HEADS, BLOCK_H):
+        h = h0 + tl.arange(0, BLOCK_H)
+        if IS_NEOX:  # pairs (i, i + rot_dim / 2): two contiguous halves
+            r = tl.arange(0, BLOCK_R)
+            mask = (h < NUM_HEADS)[:, None] & (r < HALF)[None, :]
+            p1 = x_ptr + h[:, None] * stride_h + r[None, :]
+            x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(p1 + HALF, mask=mask, other=0.0).to(tl.float32)
+            tl.store(p1, cast_to(x1 * cos - x2 * sin, dtype, INTERPRET), mask=mask)
+            tl.store(p1 + HALF, cast_to(x2 * cos + x1 * sin, dtype, INTERPRET), mask=mask)
+        else:  # interleaved pairs (2i, 2i + 1): load the rotary dims whole, then split
+            c = tl.arange(0, 2 * BLOCK_R)
+            mask = (h < NUM_HEADS)[:, None] & (c < 2 * HALF)[None, :]
+            ptrs = x_ptr + h[:, None] * stride_h + c[None, :]
+            x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            x1, x2 = tl.split(tl.reshape(x, [BLOCK_H, BLOCK_R, 2]))
+            y = tl.join(x1 * cos - x2 * sin, x2 * cos + x1 * sin)  # [H, R, 2]
+            tl.store(
+                ptrs, cast_to(tl.reshape(y, [BLOCK_H, 2 * BLOCK_R]), dtype, INTERPRET), mask=mask
+            )
+
+
+@triton.jit
+def _rotary_kernel(
+    positions_ptr,
+    q_ptr,
+    k_ptr,
+    cos_sin_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_cache,
+    NUM_Q_HEADS: tl.constexpr,
+    NUM_K_HEADS: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    IS_NEOX: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    # One token per program: read its cos/sin row once, rotate all q and k heads.
+    token = tl.program_id(0).to(tl.int64)
+    pos = tl.load(positions_ptr + token).to(tl.int64)
+    r = tl.arange(0, BLOCK_R)
+    r_ok = r < HALF
+    cos = tl.load(cos_sin_ptr + pos * stride_cache + r, mask=r_ok, other=0.0).to(tl.float32)
+    sin = tl.load(cos_sin_ptr + pos * stride_cache + HALF + r, mask=r_ok, other=0.0).to(tl.float32)
+    cos = cos[None, :]
+    sin = sin[None, :]
+    _rotate_heads(
+        q_ptr + token * stride_qt, stride_qh, cos, sin,
+        NUM_Q_HEADS, HALF, BLOCK_HQ, BLOCK_R, IS_NEOX, INTERPRET,
+    )  # fmt: skip
+    _rotate_heads(
+        k_ptr + token * stride_kt, stride_kh, cos, sin,
+        NUM_K_HEADS, HALF, BLOCK_HK, BLOCK_R, IS_NEOX, INTERPRET,
+    )  # fmt: skip
+
+
+def _heads_view(name: str, x: torch.Tensor, num_tokens: int, head_size: int) -> torch.Tensor:
+    # [T, H * D] or [T, H, D] -> [T, H, D], sharing storage; tokens may be strided.
+    check_dim(name, x, (2, 3))
+    check_dtype(name, x, FLOAT_DTYPES)
+    check_inner_contiguous(name, x)
+    require(
+        x.shape[0] == num_tokens,
+        lambda: f"{name} has {x.shape[0]} tokens, positions has {num_tokens}",
+    )
+    if x.dim() == 3:
+        require(x.shape[2] == head_size, lambda: f"{name}: head size {x.shape[2]} != {head_size}")
+        return x
+    require(
+        x.shape[1] % head_size == 0,
+        lambda: f"{name}: width {x.shape[1]} not a multiple of {head_size}",
+    )
+    return x.view(num_tokens, x.shape[1] // head_size, head_size)
+
+
+def rotary_embedding_triton(
+    positions: torch.Tensor,  # [T] int64
+    query: torch.Tensor,  # [T, Hq * D] or [T, Hq, D]
+    key: torch.Tensor,  # [T, Hk * D] or [T, Hk, D]
+    head_size: int,
+    cos_sin_cache: torch.Tensor,  # [max_pos, rot_dim] float32
+    is_neox: bool,
+) -> None:
+    """Triton `rotary_embedding_ref`, in place on query and key (the last dim
+    contiguous; tokens and heads may be strided, as in views of a fused qkv output).
+    Positions must lie inside the cache (not checked on the device). Raises ValueError
+    on bad shapes, strides or dtypes."""
+    check_dim("positions", positions, (1,))
+    check_dtype("positions", positions, (torch.int32, torch.int64))
+    require(positions.is_contiguous(), "positions must be contiguous")
+    check_dim("cos_sin_cache", cos_sin_cache, (2,))
+    check_dtype("cos_sin_cache", cos_sin_cache, FLOAT_DTYPES)
+    require(cos_sin_cache.is_contiguous(), "cos_sin_cache must be contiguous")
+    rot_dim = cos_sin_cache.shape[1]
+    require(
+        rot_dim % 2 == 0 and 0 < rot_dim <= head_size,
+        lambda: f"rot_dim {rot_dim} must be even and at most head_size {head_size}",
+    )
+    num_tokens = positions.shape[0]
+    q = _heads_view("query", query, num_tokens, head_size)  # [T, Hq, D]
+    k = _heads_view("key", key, num_tokens, head_size)  # [T, Hk, D]
+    check_same_device(positions=positions, query=query, key=key, cos_sin_cache=cos_sin_cache)
+    if num_tokens == 0:
+        return
+    half = rot_dim // 2
+    block_r = next_pow2(half)
+    # Heads per step: about 2K elements of each half in flight.
+    block_hq = min(next_pow2(q.shape[1]), max(1, 2048 // block_r))
+    block_hk = min(next_pow2(k.shape[1]), max(1, 2048 // block_r))
+    _rotary_kernel[(num_tokens,)](
+        positions, q, k, cos_sin_cache,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
+        NUM_Q_HEADS=q.shape[1], NUM_K_HEADS=k.shape[1], HALF=half,
+        BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_R=block_r, IS_NEOX=is_neox,
+        INTERPRET=interpreting(), num_warps=4,
+    )  # fmt: skip
+
+
 def rotary_embedding(
     positions: torch.Tensor,
     query: torch.Tensor,
@@ -44,4 +196,9 @@ def rotary_embedding(
     cos_sin_cache: torch.Tensor,
     is_neox: bool,
 ) -> None:
-    rotary_embedding_ref(positions, query, key, head_size, cos_sin_cache, is_neox)
+    """Rotate the first rot_dim dims of every q and k head in place, by position.
+    Triton on CUDA, `rotary_embedding_ref` elsewhere (see kernels.dispatch)."""
+    if use_triton(query):
+        rotary_embedding_triton(positions, query, key, head_size, cos_sin_cache, is_neox)
+    else:
+        rotary_embedding_ref(positions, query, key, head_size, cos_sin_cache, is_neox)
