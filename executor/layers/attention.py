@@ -1,0 +1,111 @@
+"""The attention layer: writes new keys/values into the paged cache, then attends over it.
+
+The layer owns no cache; it reads its cache tensor (by layer index) and the step's
+attention metadata from the forward context the model runner enters around a step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from executor.forward_context import get_forward_context
+from kernels.attention import paged_attention
+from kernels.kv_write import write_kv
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query heads over a paged KV cache.
+
+    forward(q [T, H*D], k [T, Hk*D], v [T, Hk*D]) -> [T, H*D]. H and Hk are the heads
+    this rank holds. sliding_window=0 means full attention; soft_cap=0 means no cap.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        layer_idx: int = 0,
+        sliding_window: int = 0,
+        soft_cap: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.num_kv_heads = num_kv_heads if num_kv_heads is not None else num_heads
+        if num_heads % self.num_kv_heads != 0:
+            raise ValueError(f"{num_heads} query heads do not group over {self.num_kv_heads}")
+        self.layer_idx = layer_idx
+        self.sliding_window = sliding_window or 0
+        self.soft_cap = soft_cap or 0.0
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ctx = get_forward_context()
+        q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D]
+        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, Hk, D]
+        v = v.view(-1, self.num_kv_heads, self.head_dim)  # [T, Hk, D]
+        if ctx.attn is None:
+            out = self._attend_one_sequence(q, k, v)
+        else:
+            out = self._attend_paged(q, k, v)
+        return out.view(-1, self.num_heads * self.head_dim)  # [T, H*D]
+
+    def _attend_paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ctx = get_forward_context()
+        meta = ctx.attn
+        assert meta is not None
+        cache = ctx.kv_caches[self.layer_idx]  # [2, N, B, Hk, D]
+        write_kv(k, v, cache[0], cache[1], meta.slot_mapping, ctx.k_scale, ctx.v_scale)
+        out = torch.empty_like(q)  # [T, H, D]
+        paged_attention(
+            q,
+            cache[0],
+            cache[1],
+            out,
+            meta.query_start_loc,
+            meta.seq_lens,
+            meta.block_tables,
+            meta.max_query_len,
+            meta.max_seq_len,
+            self.scale,
+            self.sliding_window,
+            self.soft_cap,
+            ctx.k_scale,
+            ctx.v_scale,
+        )
+        return out
+
+    def _attend_one_sequence(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        # No cache (a profiling or dummy run): the whole batch is one causal sequence,
+        # so a forward can run, and be measured, before any cache exists.
+        group = self.num_heads // self.num_kv_heads
+        qh = q.transpose(0, 1)  # [H, T, D]
+        kh = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, T, D]
+        vh = v.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, T, D]
+        if self.soft_cap > 0:
+            out = self._capped_attention(qh, kh, vh)
+        elif self.sliding_window > 0:
+            mask = self._causal_mask(q.shape[0], q.device)
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale)
+        else:
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=self.scale)
+        return out.transpose(0, 1).contiguous()  # [T, H, D]
+
+    def _causal_mask(self, num_tokens: int, device: torch.device) -> torch.Tensor:
+        pos = torch.arange(num_tokens, device=device)
+        mask = pos[None, :] <= pos[:, None]  # [T, T], query rows, key columns
+        if self.sliding_window > 0:
+            mask &= pos[:, None] - pos[None, :] < self.sliding_window
+        return mask
+
+    def _capped_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        scores = torch.matmul(q.float(), k.float().transpose(1, 2)) * self.scale  # [H, T, T]
+        scores = self.soft_cap * torch.tanh(scores / self.soft_cap)
+        scores = scores.masked_fill(~self._causal_mask(q.shape[1], q.device), float("-inf"))
+        return torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)  # [H, T, D]
