@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from executor.config import EngineConfig
+from executor.cuda_graphs import DecodeGraphs, capture_sizes
 from executor.forward_context import AttentionMetadata, ForwardContext, forward_context
 from executor.messages import Logprobs, NewRequest, SamplingOptions, StepInput, StepOutput
 from executor.sampler import Sampler, SamplingBatch, compute_prompt_logprobs
@@ -63,6 +64,7 @@ class ModelRunner:
         self.requests: dict[str, RequestState] = {}
         self.kv_caches: list[torch.Tensor] = []
         self.sampler = Sampler()
+        self.graphs: DecodeGraphs | None = None
 
     # ---- KV cache ----------------------------------------------------------------
     def allocate_kv_cache(self, num_blocks: int, num_layers: int, num_kv_heads: int, head_dim: int):
@@ -79,6 +81,20 @@ class ModelRunner:
         if name == "fp8_e5m2":
             return torch.float8_e5m2
         return torch_dtype(self.config.model.dtype)
+
+    def capture_cuda_graphs(self) -> None:
+        """Decode graphs for every batch size up to --max-num-seqs (CUDA, not eager)."""
+        cfg = self.config
+        max_len = min(cfg.model.max_seq_len_to_capture, cfg.model.max_model_len)
+        self.graphs = DecodeGraphs(
+            self.model,
+            self.kv_caches,
+            capture_sizes(cfg.scheduler.max_num_seqs, cfg.compilation.cudagraph_capture_sizes),
+            -(-cfg.model.max_model_len // self.block_size),
+            max_len,
+            self.device,
+        )
+        self.graphs.capture()
 
     # ---- request state -----------------------------------------------------------
     def _apply_step(self, step: StepInput) -> None:
@@ -173,11 +189,18 @@ class ModelRunner:
             return StepOutput(step.step_id)
         batch = self._plan_batch(step)
         input_ids, positions, attn = self._prepare_inputs(batch)
-        with forward_context(ForwardContext(attn, self.kv_caches)):
-            hidden = self.model(input_ids, positions)  # [T, hidden]
+        hidden = self._forward(input_ids, positions, attn)  # [T, hidden]
         prompt_lps = self._prompt_logprobs(batch, hidden)
         sampled, logprobs = self._sample(batch, hidden)
         return self._make_output(step, batch, sampled, logprobs, prompt_lps)
+
+    def _forward(self, input_ids, positions, attn: AttentionMetadata) -> torch.Tensor:
+        if self.graphs is not None and attn.max_query_len == 1:
+            bs = self.graphs.padded_size(input_ids.shape[0], attn.max_seq_len)
+            if bs is not None:
+                return self.graphs.run(bs, input_ids, positions, attn)
+        with forward_context(ForwardContext(attn, self.kv_caches)):
+            return self.model(input_ids, positions)
 
     def _sample(self, batch: _Batch, hidden: torch.Tensor):
         if not batch.sample_rows:

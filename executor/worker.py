@@ -67,6 +67,8 @@ class Worker:
     def init_cache(self, num_blocks: int) -> None:
         assert self.runner is not None
         self.runner.allocate_kv_cache(num_blocks, *self._cache_shape())
+        if self.device.type == "cuda" and not self.config.model.enforce_eager:
+            self.runner.capture_cuda_graphs()
 
     def execute(self, step: StepInput) -> StepOutput:
         assert self.runner is not None

@@ -1,0 +1,311 @@
+"""Everything the GPU path must show, in one run on a GPU machine (not a test: CI has no GPU).
+
+    PYTHONPATH=. python bench/gpu_check.py --smollm2 /path/SmolLM2-135M-Instruct.Q4_1.gguf \
+        [--sections tiny,smollm2,bf16,latency,server]
+
+Sections:
+- tiny: tiny random models of every architecture, float32: greedy tokens equal
+  transformers on the same GPU, with CUDA graphs and with --enforce-eager.
+- smollm2: SmolLM2 from the GGUF in float32, greedy tokens equal transformers.
+- bf16: SmolLM2 in bfloat16 against transformers in bfloat16: top-1 agreement over
+  prompt positions and the largest difference of the chosen token's logprob.
+- latency: the Llama-3.1-8B shape with dummy bf16 weights: batch-1 and batch-8 time
+  per step, against the floor (weight bytes / measured copy bandwidth).
+- server: `tessera serve` with SmolLM2 answers the official openai client, streaming too.
+Prints a short table last; JSON goes to $OUT/gpu_check.json when OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+RESULTS: list[dict] = []
+
+
+def record(section: str, check: str, ok: bool | None, detail: str) -> None:
+    RESULTS.append({"section": section, "check": check, "ok": ok, "detail": detail})
+    print(
+        f"[{section}] {check}: {'ok' if ok else ('-' if ok is None else 'FAIL')} {detail}",
+        flush=True,
+    )
+
+
+def copy_bandwidth_gbs() -> float:
+    n = 1 << 30  # 1 GiB
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        start.record()
+        b.copy_(a)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    times.sort()
+    return 2 * n / times[len(times) // 2] / 1e9  # read + write
+
+
+def prompts(n: int, seed: int, lo: int = 3, hi: int = 40) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randint(10, 5000) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def hf_greedy_cuda(path: Path, ps: list[list[int]], n: int, dtype=torch.float32) -> list[list[int]]:
+    from tests.helpers.reference import hf_greedy, load_hf_model
+
+    model = load_hf_model(path).to(dtype=dtype, device="cuda")
+    out = hf_greedy(_OnDevice(model), ps, n)
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+class _OnDevice:
+    """Feeds the CPU tensors of the reference loop to a model on the GPU."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __call__(self, ids, **kw):
+        return self.model(ids.cuda(), **kw)
+
+
+def tessera_greedy(path: str, ps, n: int, max_model_len: int = 1024, **kw) -> list[list[int]]:
+    from engine_core import LLM, SamplingParams
+
+    llm = LLM(path, device="cuda", max_model_len=max_model_len, **kw)
+    try:
+        outs = llm.generate(
+            ps, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), use_tqdm=False
+        )
+        return [o.outputs[0].token_ids for o in outs]
+    finally:
+        llm.shutdown()
+
+
+def first_divergence(a: list[list[int]], b: list[list[int]]) -> str:
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        if x != y:
+            j = next(k for k in range(min(len(x), len(y))) if x[k] != y[k])
+            return f"prompt {i} differs at token {j}"
+    return "identical"
+
+
+def section_tiny(args) -> None:
+    from tests.helpers.tiny_models import make_tiny_model
+
+    tmp = Path(tempfile.mkdtemp())
+    for arch in ["llama", "mistral", "qwen2", "qwen3", "opt", "gpt2"]:
+        path = make_tiny_model(tmp / arch, arch)
+        ps = prompts(4, seed=1)
+        want = hf_greedy_cuda(path, ps, 16)
+        for eager in (False, True):
+            got = tessera_greedy(str(path), ps, 16, 512, dtype="float32", enforce_eager=eager)
+            mode = "eager" if eager else "graphs"
+            record("tiny", f"{arch} fp32 {mode}", got == want, first_divergence(got, want))
+
+
+def section_smollm2(args) -> None:
+    from transformers import AutoTokenizer
+
+    path = Path(args.smollm2)
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there"]
+    ps = [tok.encode(t) for t in texts]
+    want = hf_greedy_cuda(path, ps, 32)
+    for eager in (False, True):
+        got = tessera_greedy(str(path), ps, 32, dtype="float32", enforce_eager=eager)
+        mode = "eager" if eager else "graphs"
+        record("smollm2", f"fp32 {mode} vs transformers", got == want, first_divergence(got, want))
+
+
+def section_bf16(args) -> None:
+    from engine_core import LLM, SamplingParams
+    from tests.helpers.reference import load_hf_model
+
+    path = Path(args.smollm2)
+    ps = prompts(4, seed=5, lo=64, hi=128)
+    llm = LLM(str(path), device="cuda", dtype="bfloat16", max_model_len=1024)
+    outs = llm.generate(
+        ps, SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0), use_tqdm=False
+    )
+    llm.shutdown()
+    model = load_hf_model(path).to(dtype=torch.bfloat16, device="cuda")
+    agree = total = 0
+    max_diff = 0.0
+    for p, o in zip(ps, outs, strict=True):
+        with torch.inference_mode():
+            logp = torch.log_softmax(model(torch.tensor([p], device="cuda")).logits[0].float(), -1)
+        for pos in range(1, len(p)):
+            ours = o.prompt_logprobs[pos]
+            ref_top = int(logp[pos - 1].argmax())
+            our_top = next(t for t, lp in ours.items() if lp.rank == 1)
+            agree += our_top == ref_top
+            total += 1
+            max_diff = max(max_diff, abs(ours[p[pos]].logprob - float(logp[pos - 1, p[pos]])))
+    # reported, not judged: random-token prompts give flat distributions where bf16
+    # rounding may flip the top token
+    record("bf16", "top-1 agreement", None, f"{agree}/{total}")
+    record("bf16", "max |logprob diff| of prompt tokens", None, f"{max_diff:.4f}")
+
+
+def section_latency(args) -> None:
+    bw = copy_bandwidth_gbs()
+    record("latency", "copy bandwidth", None, f"{bw:.0f} GB/s")
+    weight_bytes = 8.03e9 * 2
+    floor_ms = weight_bytes / (bw * 1e9) * 1000
+    cmd = [
+        sys.executable,
+        "bench/latency.py",
+        "--model",
+        "bench/models/llama-3.1-8b",
+        "--load-format",
+        "dummy",
+        "--dtype",
+        "bfloat16",
+        "--skip-tokenizer-init",
+        "--max-model-len",
+        "2048",
+        "--batch-size",
+        "1",
+        "8",
+        "--input-len",
+        "32",
+        "--output-len",
+        "128",
+        "--num-iters",
+        "3",
+        "--num-iters-warmup",
+        "1",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    if not rows:
+        record("latency", "8B shape", False, out.stderr[-2000:])
+        return
+    for r in rows:
+        ratio = r["ms_per_step"] / floor_ms
+        record(
+            "latency",
+            f"8B bf16 batch {r['batch_size']} ms/step",
+            ratio < 1.25 if r["batch_size"] == 1 else None,
+            f"{r['ms_per_step']:.2f} ms (floor {floor_ms:.2f} ms, {ratio:.2f}x)",
+        )
+
+
+def section_server(args) -> None:
+    import openai
+
+    port = 8765
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "api_server.cli",
+            "serve",
+            args.smollm2,
+            "--port",
+            str(port),
+            "--max-model-len",
+            "1024",
+            "--served-model-name",
+            "smollm2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                client.models.list()
+                break
+            except Exception:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(1)
+        full = client.completions.create(
+            model="smollm2", prompt="The capital of France is", max_tokens=16, temperature=0
+        )
+        stream = client.completions.create(
+            model="smollm2",
+            prompt="The capital of France is",
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+        )
+        text = "".join(c.choices[0].text for c in stream)
+        record(
+            "server",
+            "completion stream == non-stream",
+            text == full.choices[0].text,
+            repr(full.choices[0].text[:40]),
+        )
+        chat = client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": "Say hello."}], max_tokens=16
+        )
+        record(
+            "server",
+            "chat",
+            bool(chat.choices[0].message.content),
+            repr(chat.choices[0].message.content[:40]),
+        )
+    finally:
+        proc.terminate()
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        Path(os.environ.get("OUT", "/tmp"), "server.log").write_text(out or "")
+
+
+SECTIONS = {
+    "tiny": section_tiny,
+    "smollm2": section_smollm2,
+    "bf16": section_bf16,
+    "latency": section_latency,
+    "server": section_server,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--smollm2", default=None)
+    parser.add_argument("--sections", default=",".join(SECTIONS))
+    args = parser.parse_args()
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    for name in args.sections.split(","):
+        t0 = time.monotonic()
+        try:
+            SECTIONS[name](args)
+        except Exception:
+            record(name, "section", False, traceback.format_exc()[-3000:])
+        print(f"[{name}] took {time.monotonic() - t0:.0f} s", flush=True)
+    print("\n| section | check | ok | detail |\n| --- | --- | --- | --- |")
+    for r in RESULTS:
+        ok = "-" if r["ok"] is None else ("yes" if r["ok"] else "NO")
+        print(f"| {r['section']} | {r['check']} | {ok} | {r['detail'][:90]} |")
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "gpu_check.json").write_text(json.dumps(RESULTS, indent=2))
+
+
+if __name__ == "__main__":
+    main()

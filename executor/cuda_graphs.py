@@ -1,0 +1,124 @@
+"""CUDA graphs for decode steps: one graph per padded batch size.
+
+A decode step (every sequence computes one token) of batch size B runs the graph
+captured for the smallest size >= B: its inputs are copied into persistent buffers
+(padding rows write nowhere: slot -1, and attend to one key of the null block), the
+graph replays, and the first B rows of the output are taken. The attention metadata
+of a graph says max_seq_len = --max-seq-len-to-capture: the kernels read the true
+lengths from `seq_lens` and use the bound only to size their launch, so one graph
+serves every context up to that length. Longer contexts run eagerly.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from typing import Any
+
+import torch
+
+from executor.forward_context import AttentionMetadata, ForwardContext, forward_context
+
+logger = logging.getLogger(__name__)
+
+
+def capture_sizes(max_num_seqs: int, given: list[int] | None = None) -> list[int]:
+    """1, 2, 4, then every multiple of 8 up to max_num_seqs (or the configured list)."""
+    if given:
+        return sorted(s for s in set(given) if 0 < s <= max_num_seqs)
+    sizes = [s for s in (1, 2, 4) if s <= max_num_seqs]
+    sizes += list(range(8, max_num_seqs + 1, 8))
+    if sizes[-1] != max_num_seqs:
+        sizes.append(max_num_seqs)
+    return sizes
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        model: Any,
+        kv_caches: list[torch.Tensor],
+        sizes: list[int],
+        max_blocks_per_seq: int,
+        max_seq_len: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.sizes = sizes
+        self.max_seq_len = max_seq_len
+        n = sizes[-1]
+        i32, i64 = torch.int32, torch.int64
+        self.input_ids = torch.zeros(n, dtype=i64, device=device)
+        self.positions = torch.zeros(n, dtype=i64, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=i64, device=device)
+        self.seq_lens = torch.ones(n, dtype=i32, device=device)
+        self.query_start_loc = torch.arange(n + 1, dtype=i32, device=device)
+        self.block_tables = torch.zeros((n, max_blocks_per_seq), dtype=i32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # each graph's output tensor; they share one memory pool, which is safe because
+        # a step reads its output before the next replay
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.pool: Any = None
+
+    def _metadata(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:bs],
+            query_start_loc=self.query_start_loc[: bs + 1],
+            seq_lens=self.seq_lens[:bs],
+            block_tables=self.block_tables[:bs],
+            max_query_len=1,
+            max_seq_len=self.max_seq_len,
+            query_start_loc_cpu=list(range(bs + 1)),
+            seq_lens_cpu=[1] * bs,
+        )
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        with forward_context(ForwardContext(self._metadata(bs), self.kv_caches)):
+            return self.model(self.input_ids[:bs], self.positions[:bs])
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        t0 = time.monotonic()
+        for bs in reversed(self.sizes):  # largest first: later graphs reuse its pool
+            self._forward(bs)  # warm-up: Triton compiles outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.outputs[bs] = self._forward(bs)
+            if self.pool is None:
+                self.pool = graph.pool()
+            self.graphs[bs] = graph
+        torch.cuda.synchronize()
+        logger.info(
+            "captured %d CUDA graphs (batch sizes %d..%d) in %.1f s",
+            len(self.graphs),
+            self.sizes[0],
+            self.sizes[-1],
+            time.monotonic() - t0,
+        )
+
+    def padded_size(self, num_seqs: int, max_seq_len: int) -> int | None:
+        """The graph for this decode batch, or None when it must run eagerly."""
+        if num_seqs > self.sizes[-1] or max_seq_len > self.max_seq_len:
+            return None
+        return self.sizes[bisect.bisect_left(self.sizes, num_seqs)]
+
+    def run(
+        self, bs: int, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata
+    ) -> torch.Tensor:
+        """Replay the graph of padded size `bs` for a decode batch; returns [n, hidden]."""
+        n = input_ids.shape[0]
+        self.input_ids[:n].copy_(input_ids, non_blocking=True)
+        self.positions[:n].copy_(positions, non_blocking=True)
+        self.slot_mapping[:n].copy_(attn.slot_mapping, non_blocking=True)
+        self.seq_lens[:n].copy_(attn.seq_lens, non_blocking=True)
+        width = attn.block_tables.shape[1]
+        self.block_tables[:n, :width].copy_(attn.block_tables, non_blocking=True)
+        if n < bs:  # padding rows: write nowhere, read one key of the null block
+            self.slot_mapping[n:bs].fill_(-1)
+            self.seq_lens[n:bs].fill_(1)
+            self.block_tables[n:bs, 0].fill_(0)
+        self.graphs[bs].replay()
+        return self.outputs[bs][:n]
