@@ -34,3 +34,6 @@ test: lint typecheck pytest
 bench-cpu: $(STAMP)
 	$(BIN)/python bench/throughput.py --model tessera/smollm2-135m-instruct \
 		--num-prompts 64 --input-len 128 --output-len 128 --baseline hf
+
+serve: $(STAMP)
+	$(BIN)/tessera serve tessera/smollm2-135m-instruct --host 0.0.0.0 --port 8000
