@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import itertools
 import logging
-import multiprocessing
 import os
 import time
 import weakref
@@ -33,7 +32,7 @@ from engine_core.messages import (
     UtilityResult,
 )
 from executor.config import EngineConfig
-from executor.ipc import IpcDir, Receiver, Sender
+from executor.ipc import IpcDir, Receiver, Sender, spawn_process
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +44,20 @@ class EngineDeadError(RuntimeError):
     """The engine core (or one of its workers) died; every request in flight failed."""
 
 
+_live_clients: weakref.WeakSet[Any] = weakref.WeakSet()  # objects with shutdown()
 _live_cores: weakref.WeakSet[CoreProcess] = weakref.WeakSet()
 
 
 @atexit.register
-def _close_live_cores() -> None:
-    # Runs before multiprocessing's own exit hook, which would wait forever on a
-    # core that is still serving.
+def close_live_cores() -> None:
+    """Shut down every engine client and core process still running.
+
+    Runs at exit before multiprocessing's own hook (which would wait forever on a core
+    that is still serving) and before pyzmq's (which would wait forever on open
+    sockets); also callable from signal handlers.
+    """
+    for client in list(_live_clients):
+        client.shutdown()
     for core in list(_live_cores):
         core.close()
 
@@ -66,15 +72,12 @@ class CoreProcess:
             self.ipc.address("in"),
             self.ipc.address("out"),
             os.path.join(self.ipc.path, "engine-core.log"),
+            self.ipc.path,
         )
         self.input: Sender[ClientMessage] = Sender(ctx, zmq.PUSH, self.addrs.input, bind=True)
         self._ctx = ctx
         level = logging.getLogger().getEffectiveLevel()
-        spawn = multiprocessing.get_context("spawn")
-        self.proc = spawn.Process(
-            target=run_engine_core, args=(self.addrs, level), name="tessera-engine-core"
-        )
-        self.proc.start()
+        self.proc = spawn_process(run_engine_core, (self.addrs, level), "tessera-engine-core")
         _live_cores.add(self)
         self.ready = self._handshake(config)
 
@@ -182,6 +185,7 @@ class SyncMPClient:
         self._out = self.core.output_receiver(self._ctx)
         self._call_ids = itertools.count(1)
         self._dead: str | None = None
+        _live_clients.add(self)
 
     def add_request(self, req: EngineCoreRequest) -> None:
         self._send(req)
@@ -222,6 +226,9 @@ class SyncMPClient:
                 return msg.result
 
     def shutdown(self) -> None:
+        _live_clients.discard(self)
+        if self._ctx.closed:
+            return
         self.core.close()
         self._out.close()
         self._ctx.destroy(linger=0)

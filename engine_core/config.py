@@ -261,7 +261,9 @@ RULES: dict[str, Rule] = {
     ),
     "config_format": _only(("auto", "hf"), "only Hugging Face configs are read"),
     "dtype": _works(),
-    "kv_cache_dtype": _only(("auto",), "an fp8 KV cache needs the GPU path, not in this build yet"),
+    "kv_cache_dtype": _works(
+        "fp8 = fp8_e4m3; per-tensor scales of 1.0 (checkpoint scales are not read yet)"
+    ),
     "max_model_len": _works(check=_positive),
     "model_impl": _only(
         ("auto", "vllm"),
@@ -284,8 +286,8 @@ RULES: dict[str, Rule] = {
     "pipeline_parallel_size": _only(
         (1,), "pipeline parallelism is not in this build yet", check=_positive
     ),
-    "tensor_parallel_size": _only(
-        (1,), "tensor parallelism is not in this build yet", check=_positive
+    "tensor_parallel_size": _works(
+        "one worker process per rank (mp); gloo on the CPU, NCCL on CUDA", check=_positive
     ),
     "data_parallel_size": _only((1,), "data parallelism is not in this build yet", check=_positive),
     "enable_expert_parallel": _refused("there are no MoE models in this build"),
@@ -877,6 +879,36 @@ def _log_accepted_notes(args: EngineArgs) -> None:
 # The one entry point.
 
 
+def resolve_parallel(args: EngineArgs, model: ModelConfig, device: str) -> ParallelConfig:
+    """The executor backend, and the checks that the model splits over the ranks."""
+    tp = args.tensor_parallel_size
+    # mp whenever TP x PP fits the local devices: the worker is its own process
+    backend = args.distributed_executor_backend or "mp"
+    if tp > 1 and backend == "uni":
+        raise ConfigError(
+            "distributed_executor_backend", backend, f"uni runs one worker; -tp {tp} needs mp"
+        )
+    import torch
+
+    if device == "cuda" and tp > torch.cuda.device_count():
+        raise ConfigError(
+            "tensor_parallel_size", tp, f"only {torch.cuda.device_count()} GPUs are visible"
+        )
+    hf = model.hf_config
+    heads = hf.get("num_attention_heads") or hf.get("n_head") or 0
+    if heads % tp:
+        raise ConfigError(
+            "tensor_parallel_size", tp, f"the model's {heads} attention heads do not split evenly"
+        )
+    return ParallelConfig(
+        tensor_parallel_size=tp,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        data_parallel_size=args.data_parallel_size,
+        distributed_executor_backend=backend,
+        disable_custom_all_reduce=args.disable_custom_all_reduce,
+    )
+
+
 def resolve_config(args: EngineArgs) -> EngineConfig:
     """Resolve every "auto" of `args` into the frozen EngineConfig.
 
@@ -902,19 +934,13 @@ def resolve_config(args: EngineArgs) -> EngineConfig:
             num_gpu_blocks_override=args.num_gpu_blocks_override,
             swap_space_gib=float(args.swap_space),
             cpu_offload_gb=float(args.cpu_offload_gb),
-            cache_dtype=model.dtype,  # kv_cache_dtype auto = the model dtype
+            # auto = the model dtype; fp8 is e4m3
+            cache_dtype=model.dtype if args.kv_cache_dtype == "auto" else args.kv_cache_dtype,
             calculate_kv_scales=args.calculate_kv_scales,
             enable_sleep_mode=args.enable_sleep_mode,
             cpu_kv_cache_space_gib=cpu_kv_cache_space_gib(),
         ),
-        parallel=ParallelConfig(
-            tensor_parallel_size=args.tensor_parallel_size,
-            pipeline_parallel_size=args.pipeline_parallel_size,
-            data_parallel_size=args.data_parallel_size,
-            # mp whenever TP x PP fits the local devices: the worker is its own process
-            distributed_executor_backend=args.distributed_executor_backend or "mp",
-            disable_custom_all_reduce=args.disable_custom_all_reduce,
-        ),
+        parallel=resolve_parallel(args, model, device),
         scheduler=resolve_scheduler(args, model.max_model_len, device),
         device=DeviceConfig(device=device),
         load=LoadConfig(

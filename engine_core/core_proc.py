@@ -31,7 +31,7 @@ from engine_core.messages import (
     UtilityResult,
 )
 from executor.config import EngineConfig
-from executor.ipc import Receiver, Sender, die_with_parent
+from executor.ipc import IPC_ROOT_ENV, Receiver, Sender, die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class CoreAddresses(msgspec.Struct, frozen=True):
     input: str  # client PUSH -> core PULL
     output: str  # core PUSH -> client PULL
     log_file: str  # where this process logs, so the client can quote it on failure
+    ipc_root: str  # the client's ipc folder: ours go inside it
 
 
 class CoreHello(msgspec.Struct, tag=True):
@@ -66,6 +67,7 @@ class _Stop:
 def run_engine_core(addrs: CoreAddresses, log_level: int) -> None:
     """Entry point of the spawned engine-core process."""
     die_with_parent()
+    os.environ[IPC_ROOT_ENV] = addrs.ipc_root
     _setup_logging(addrs.log_file, log_level)
     ctx = zmq.Context()
     hs = ctx.socket(zmq.PAIR)

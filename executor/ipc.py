@@ -24,11 +24,19 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+IPC_ROOT_ENV = "TESSERA_IPC_ROOT"
+
+
 class IpcDir:
-    """A private folder for this engine's ipc socket files, removed on close."""
+    """A private folder for this engine's ipc socket files, removed on close.
+
+    A process started by an engine client creates its folders inside the client's
+    (TESSERA_IPC_ROOT), so that the client's cleanup removes them even when that
+    process was killed.
+    """
 
     def __init__(self) -> None:
-        self.path = tempfile.mkdtemp(prefix="tessera-")
+        self.path = tempfile.mkdtemp(prefix="tessera-", dir=os.environ.get(IPC_ROOT_ENV))
 
     def address(self, name: str) -> str:
         return f"ipc://{os.path.join(self.path, name)}-{uuid.uuid4().hex[:8]}"
@@ -74,6 +82,29 @@ class Receiver(Generic[T]):
 
     def close(self) -> None:
         self.sock.close(linger=0)
+
+
+def spawn_process(target: Any, args: tuple, name: str) -> Any:
+    """Start `target(*args)` in a fresh (spawned) interpreter and return the Process.
+
+    Spawn normally re-imports the parent's __main__ in the child, so a user script
+    without an `if __name__ == "__main__"` guard would run again there. Our targets
+    are plain module functions that need nothing from __main__, so it is hidden while
+    the child starts.
+    """
+    import multiprocessing
+    import sys
+
+    main = sys.modules["__main__"]
+    saved = {k: main.__dict__.pop(k) for k in ("__file__", "__spec__") if k in main.__dict__}
+    main.__spec__ = None
+    try:
+        proc = multiprocessing.get_context("spawn").Process(target=target, args=args, name=name)
+        proc.start()
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
+    return proc
 
 
 def die_with_parent() -> None:

@@ -9,6 +9,7 @@ token for every sequence whose known tokens are all computed after the step.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +66,9 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.sampler = Sampler()
         self.graphs: DecodeGraphs | None = None
+        # seconds spent in model forwards and steps executed, for bench/overhead.py
+        self.forward_time_s = 0.0
+        self.num_steps = 0
 
     # ---- KV cache ----------------------------------------------------------------
     def allocate_kv_cache(self, num_blocks: int, num_layers: int, num_kv_heads: int, head_dim: int):
@@ -189,7 +193,11 @@ class ModelRunner:
             return StepOutput(step.step_id)
         batch = self._plan_batch(step)
         input_ids, positions, attn = self._prepare_inputs(batch)
+        t0 = time.perf_counter()
         hidden = self._forward(input_ids, positions, attn)  # [T, hidden]
+        # on CUDA this is launch time only (no sync here: it would stall the host)
+        self.forward_time_s += time.perf_counter() - t0
+        self.num_steps += 1
         prompt_lps = self._prompt_logprobs(batch, hidden)
         sampled, logprobs = self._sample(batch, hidden)
         return self._make_output(step, batch, sampled, logprobs, prompt_lps)

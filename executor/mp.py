@@ -21,7 +21,7 @@ import msgspec
 import zmq
 
 from executor.base import Executor
-from executor.ipc import IpcDir, Receiver, Sender
+from executor.ipc import IpcDir, Receiver, Sender, spawn_process
 from executor.messages import (
     FromWorker,
     StepInput,
@@ -55,7 +55,10 @@ class MpExecutor(Executor):
         self._dead: str | None = None
         self._call_ids = 0
         addrs = WorkerAddresses(
-            self._ipc.address("hs"), self._ipc.address("bcast"), self._ipc.address("res")
+            self._ipc.address("hs"),
+            self._ipc.address("bcast"),
+            self._ipc.address("res"),
+            "file://" + self._ipc.address("dist").removeprefix("ipc://"),
         )
         self._bcast: Sender[ToWorker] = Sender(self._ctx, zmq.XPUB, addrs.broadcast, bind=True)
         self._results: Receiver[FromWorker] = Receiver(
@@ -74,16 +77,11 @@ class MpExecutor(Executor):
         return num_blocks
 
     def _spawn(self, addrs: WorkerAddresses) -> list[Any]:
-        ctx = multiprocessing.get_context("spawn")
         level = logging.getLogger().getEffectiveLevel()
-        procs = []
-        for rank in range(self.world_size):
-            p = ctx.Process(
-                target=worker_main, args=(rank, rank, addrs, level), name=f"tessera-worker{rank}"
-            )
-            p.start()
-            procs.append(p)
-        return procs
+        return [
+            spawn_process(worker_main, (rank, rank, addrs, level), f"tessera-worker{rank}")
+            for rank in range(self.world_size)
+        ]
 
     def _deadline_wait(self, sock: zmq.Socket, what: str, deadline: float) -> None:
         while not sock.poll(POLL_MS):

@@ -14,10 +14,17 @@ logger = logging.getLogger(__name__)
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, rank: int = 0, local_rank: int = 0) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        rank: int = 0,
+        local_rank: int = 0,
+        dist_init_method: str | None = None,
+    ) -> None:
         self.config = config
         self.rank = rank
         self.local_rank = local_rank
+        self.dist_init_method = dist_init_method
         self.device = self._pick_device()
         self.runner: ModelRunner | None = None
 
@@ -28,8 +35,11 @@ class Worker:
         return torch.device("cpu")
 
     def load_model(self) -> None:
+        from executor.distributed import init_distributed
         from executor.loader import load_model
 
+        init_distributed(self.config, self.rank, self.dist_init_method)
+        # Same seed on every rank: all ranks sample the same tokens in lockstep.
         torch.manual_seed(self.config.model.seed)
         model = load_model(self.config, self.device)
         self.runner = ModelRunner(self.config, model, self.device)
@@ -37,7 +47,9 @@ class Worker:
     def _cache_shape(self) -> tuple[int, int, int]:
         from executor.models.registry import kv_cache_shape_info
 
-        return kv_cache_shape_info(self.config.model.hf_config)
+        return kv_cache_shape_info(
+            self.config.model.hf_config, self.config.parallel.tensor_parallel_size
+        )
 
     def bytes_per_block(self) -> int:
         assert self.runner is not None
@@ -77,6 +89,20 @@ class Worker:
     def check_health(self) -> None:
         return None
 
+    def shutdown(self) -> None:
+        from executor.distributed import destroy_distributed
+
+        destroy_distributed()
+
+    def kv_cache_dtype_name(self) -> str:
+        assert self.runner is not None
+        return str(self.runner.kv_caches[0].dtype)
+
+    def get_timing(self) -> dict[str, float]:
+        """Model-forward seconds and steps so far (what bench/overhead.py subtracts)."""
+        assert self.runner is not None
+        return {"forward_s": self.runner.forward_time_s, "steps": self.runner.num_steps}
+
 
 def _import_class(qualname: str) -> type:
     module, _, name = qualname.rpartition(".")
@@ -87,11 +113,13 @@ def _import_class(qualname: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-def make_worker(config: EngineConfig, rank: int = 0, local_rank: int = 0) -> Worker:
+def make_worker(
+    config: EngineConfig, rank: int = 0, local_rank: int = 0, dist_init_method: str | None = None
+) -> Worker:
     """The worker class (--worker-cls), with --worker-extension-cls mixed in."""
     par = config.parallel
     cls: type = Worker if par.worker_cls in ("auto", "") else _import_class(par.worker_cls)
     if par.worker_extension_cls:
         ext = _import_class(par.worker_extension_cls)
         cls = type(f"{ext.__name__}{cls.__name__}", (ext, cls), {})
-    return cls(config, rank, local_rank)
+    return cls(config, rank, local_rank, dist_init_method)

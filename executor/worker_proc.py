@@ -39,6 +39,7 @@ class WorkerAddresses(msgspec.Struct, frozen=True):
     handshake: str  # DEALER -> the executor's ROUTER: hello, then the config bytes
     broadcast: str  # SUB <- the executor's XPUB: steps and RPCs
     results: str  # PUSH -> the executor's PULL
+    dist_init: str  # torch.distributed init method (a file in the ipc folder)
 
 
 def worker_main(rank: int, local_rank: int, addrs: WorkerAddresses, log_level: int) -> None:
@@ -52,9 +53,12 @@ def worker_main(rank: int, local_rank: int, addrs: WorkerAddresses, log_level: i
     try:
         config = _receive_config(ctx, addrs.handshake, rank)
         sub: Receiver[ToWorker] = Receiver(ctx, zmq.SUB, addrs.broadcast, False, ToWorker)
-        worker = _start_worker(config, rank, local_rank, results)
+        worker = _start_worker(config, rank, local_rank, addrs.dist_init, results)
         if worker is not None:
-            _serve(worker, rank, sub, results)
+            try:
+                _serve(worker, rank, sub, results)
+            finally:
+                worker.shutdown()
     finally:
         ctx.destroy(linger=0)
 
@@ -71,11 +75,13 @@ def _receive_config(ctx: zmq.Context, addr: str, rank: int) -> EngineConfig:
     return EngineConfig.decode(data)
 
 
-def _start_worker(config: EngineConfig, rank: int, local_rank: int, results: Sender) -> Any:
+def _start_worker(
+    config: EngineConfig, rank: int, local_rank: int, dist_init: str, results: Sender
+) -> Any:
     from executor.worker import make_worker
 
     try:
-        worker = make_worker(config, rank, local_rank)
+        worker = make_worker(config, rank, local_rank, dist_init)
         worker.load_model()
         results.send(WorkerReady(rank, worker.determine_num_blocks()))
         return worker

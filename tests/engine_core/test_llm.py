@@ -144,3 +144,16 @@ def test_chat_applies_the_template():
         out[0].prompt_token_ids, skip_special_tokens=False
     )
     assert out[0].outputs[0].text
+
+
+def test_fp8_kv_cache_keeps_peaked_greedy_tokens(llama):
+    # e4m3 keeps ~2 significant digits: with the tiny model's peaked logits the
+    # greedy tokens survive; the cache really is fp8 (checked through the worker).
+    prompts = random_prompts(3, (5, 30), seed=21)
+    base = _run(llama, prompts, max_tokens=8)
+    llm = LLM(llama, max_model_len=256, kv_cache_dtype="fp8")
+    dtype = llm.collective_rpc("kv_cache_dtype_name")[0]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=8, **GREEDY))
+    llm.shutdown()
+    assert dtype == "torch.float8_e4m3fn"
+    assert token_ids(outs) == base

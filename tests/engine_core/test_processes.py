@@ -145,7 +145,9 @@ def test_kill_9_reaches_every_waiting_request(model, victim):
                 assert isinstance(t.exception(), EngineDeadError)
             assert client.errored
         finally:
+            ipc = client._core.ipc.path
             await client.shutdown()
+        assert not os.path.exists(ipc)  # socket files of the core and the workers too
 
     asyncio.run(run())
     assert_no_children()
