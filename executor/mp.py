@@ -61,6 +61,8 @@ class MpExecutor(Executor):
             "file://" + self._ipc.address("dist").removeprefix("ipc://"),
         )
         self._bcast: Sender[ToWorker] = Sender(self._ctx, zmq.XPUB, addrs.broadcast, bind=True)
+        # every worker's subscription must reach us, not only the first of a topic
+        self._bcast.sock.setsockopt(zmq.XPUB_VERBOSE, 1)
         self._results: Receiver[FromWorker] = Receiver(
             self._ctx, zmq.PULL, addrs.results, True, FromWorker
         )
