@@ -26,8 +26,13 @@ def measure(model: str, backend: str, batch: int, output_len: int) -> dict:
     from engine_core import LLM, SamplingParams
 
     os.environ["TESSERA_ENABLE_MULTIPROCESSING"] = "0" if backend == "uni" else "1"
-    llm = LLM(model, distributed_executor_backend=backend, max_num_seqs=batch,
-              max_model_len=256, enable_prefix_caching=False)
+    llm = LLM(
+        model,
+        distributed_executor_backend=backend,
+        max_num_seqs=batch,
+        max_model_len=256,
+        enable_prefix_caching=False,
+    )
     rng = random.Random(0)
     prompts = [[rng.randint(10, 5000) for _ in range(16)] for _ in range(batch)]
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
