@@ -96,7 +96,9 @@ def spawn_process(target: Any, args: tuple, name: str) -> Any:
     import sys
 
     main = sys.modules["__main__"]
-    saved = {k: main.__dict__.pop(k) for k in ("__file__", "__spec__") if k in main.__dict__}
+    saved: dict[str, Any] = {
+        k: main.__dict__.pop(k) for k in ("__file__", "__spec__") if k in main.__dict__
+    }
     main.__spec__ = None
     try:
         proc = multiprocessing.get_context("spawn").Process(target=target, args=args, name=name)

@@ -132,6 +132,8 @@ def test_dtype(requested: str, saved: str | None, device: str, expected: str) ->
 def test_explicit_dtype_and_kv_cache_dtype(llama: Path) -> None:
     config = resolve(llama, dtype="bfloat16")
     assert (config.model.dtype, config.cache.cache_dtype) == ("bfloat16", "bfloat16")
+    config = resolve(llama, dtype="bfloat16", kv_cache_dtype="fp8")
+    assert config.cache.cache_dtype == "fp8"
 
 
 # --- max_model_len
@@ -412,13 +414,11 @@ REFUSED_VALUES: dict[str, Any] = {
     "allowed_local_media_path": "/media",
     "load_format": "npcache",
     "config_format": "mistral",
-    "kv_cache_dtype": "fp8",
     "model_impl": "transformers",
     "hf_token": True,
     "qlora_adapter_name_or_path": "q",
     "distributed_executor_backend": "ray",
     "pipeline_parallel_size": 2,
-    "tensor_parallel_size": 2,
     "data_parallel_size": 2,
     "enable_expert_parallel": True,
     "max_parallel_loading_workers": 2,

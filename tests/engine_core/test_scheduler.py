@@ -171,8 +171,12 @@ def test_one_partial_prefill_at_a_time():
 
 
 def test_long_prefill_threshold_caps_each_chunk():
-    s = make_scheduler(budget=16, long_prefill_token_threshold=6, max_num_partial_prefills=2,
-                       max_long_partial_prefills=1)
+    s = make_scheduler(
+        budget=16,
+        long_prefill_token_threshold=6,
+        max_num_partial_prefills=2,
+        max_long_partial_prefills=1,
+    )
     long_a = make_request(n_prompt=20)
     long_b = make_request(n_prompt=20)
     short = make_request(n_prompt=3)
