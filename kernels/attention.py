@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from kernels.dispatch import (
     FLOAT_DTYPES,
@@ -50,18 +51,41 @@ def _attend(
     sliding_window: int,
     soft_cap: float,
 ) -> torch.Tensor:
+    k_pos = torch.arange(k.shape[1], device=q.device)
+    mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (
+        k_pos[None, None, :] < seq_lens[:, None, None]
+    )  # [S, Qm, L]
+    if sliding_window > 0:
+        mask &= q_pos[:, :, None] - k_pos[None, None, :] < sliding_window
+    if soft_cap > 0:
+        return _attend_soft_cap(q, k, v, mask, scale, soft_cap)
+    return _attend_grouped(q, k, v, mask, scale)
+
+
+def _attend_grouped(q, k, v, mask, scale: float) -> torch.Tensor:
+    """SDPA with the G query heads of each KV head folded into the query rows.
+
+    Folding avoids materializing the keys G times (repeat_interleave), which made the
+    CPU decode path memory-bound on the copies.
+    """
+    s, qm, h, d = q.shape
+    hk = k.shape[2]
+    g = h // hk
+    qg = q.view(s, qm, hk, g, d).permute(0, 2, 1, 3, 4).reshape(s, hk, qm * g, d)
+    rows_mask = mask.repeat_interleave(g, dim=1)[:, None]  # [S, 1, Qm * G, L]
+    out = F.scaled_dot_product_attention(
+        qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=rows_mask, scale=scale
+    )  # [S, Hk, Qm * G, D]
+    out = out.view(s, hk, qm, g, d).permute(0, 2, 1, 3, 4).reshape(s, qm, h, d)
+    return out.nan_to_num_(0.0)  # rows with no key at all (padding) come out NaN
+
+
+def _attend_soft_cap(q, k, v, mask, scale: float, soft_cap: float) -> torch.Tensor:
     h, hk = q.shape[2], k.shape[2]
     k = k.repeat_interleave(h // hk, dim=2)
     v = v.repeat_interleave(h // hk, dim=2)
     scores = torch.einsum("sqhd,skhd->shqk", q, k) * scale  # [S, H, Qm, L]
-    if soft_cap > 0:
-        scores = soft_cap * torch.tanh(scores / soft_cap)
-    k_pos = torch.arange(k.shape[1], device=q.device)
-    mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (
-        k_pos[None, None, :] < seq_lens[:, None, None]
-    )
-    if sliding_window > 0:
-        mask &= q_pos[:, :, None] - k_pos[None, None, :] < sliding_window
+    scores = soft_cap * torch.tanh(scores / soft_cap)
     scores = scores.masked_fill(~mask[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)
     return torch.einsum("shqk,skhd->sqhd", probs, v)
