@@ -171,7 +171,9 @@ def test_chunked_prefill_equals_one_pass(arch: str, tmp_path: Path) -> None:
     first = two.step([(a, 12)], all_logits=True)  # [12, V]
     # the second chunk shares its step with another sequence's prefill
     second = two.step([(a, 8), (b, 5)], all_logits=True)[:8]  # [8, V]
-    torch.testing.assert_close(torch.cat([first, second]), want, atol=1e-4, rtol=0)
+    # float32 rounding of another attention shape: the logits of these peaked models
+    # reach ~80 (float32 spacing ~8e-6 there): 5e-4 absolute is a few dozen ulps
+    torch.testing.assert_close(torch.cat([first, second]), want, atol=5e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
@@ -184,7 +186,7 @@ def test_forward_without_cache_equals_paged(arch: str, tmp_path: Path) -> None:
     with torch.no_grad(), forward_context(ForwardContext(attn=None, kv_caches=[])):
         hidden = model(torch.tensor(prompt), torch.arange(len(prompt)))
         got = model.compute_logits(hidden)  # type: ignore[operator]
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got, want, atol=5e-4, rtol=1e-5)  # see the chunked test
 
 
 def test_attention_soft_cap_without_cache_equals_paged() -> None:
