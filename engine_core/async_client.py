@@ -189,6 +189,7 @@ class AsyncEngineClient:
         loop = asyncio.get_running_loop()
         ended = loop.create_future()
         sentinel = self._core.proc.sentinel
+
         def on_exit() -> None:
             if not ended.done():
                 ended.set_result(None)
