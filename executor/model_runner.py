@@ -19,14 +19,9 @@ import torch
 from executor.config import EngineConfig
 from executor.cuda_graphs import DecodeGraphs, capture_sizes
 from executor.forward_context import AttentionMetadata, ForwardContext, forward_context
+from executor.loader import torch_dtype
 from executor.messages import Logprobs, NewRequest, SamplingOptions, StepInput, StepOutput
 from executor.sampler import Sampler, SamplingBatch, compute_prompt_logprobs
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return _DTYPES[name]
 
 
 @dataclass
