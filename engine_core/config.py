@@ -262,7 +262,8 @@ RULES: dict[str, Rule] = {
     "config_format": _only(("auto", "hf"), "only Hugging Face configs are read"),
     "dtype": _works(),
     "kv_cache_dtype": _works(
-        "fp8 = fp8_e4m3; per-tensor scales of 1.0 (checkpoint scales are not read yet)"
+        "fp8 = fp8_e4m3; per-layer scales from the checkpoint, else 1.0, "
+        "or computed with --calculate-kv-scales"
     ),
     "max_model_len": _works(check=_positive),
     "model_impl": _only(
@@ -319,7 +320,11 @@ RULES: dict[str, Rule] = {
         check=_fraction,
     ),
     "num_gpu_blocks_override": _works(check=_positive),
-    "calculate_kv_scales": _refused("it needs an fp8 KV cache, not in this build yet"),
+    "calculate_kv_scales": _works(
+        "with an fp8 --kv-cache-dtype (refused otherwise): per layer, from the first step's "
+        "keys and values, largest magnitude at half the FP8 range; CUDA graphs are "
+        "captured after that step"
+    ),
     "enable_sleep_mode": _refused("sleep mode needs the GPU path, not in this build yet"),
     # Scheduler
     "max_num_batched_tokens": _works(check=_positive),
@@ -834,6 +839,15 @@ def _check_partial_prefills(args: EngineArgs, chunked: bool, max_model_len: int)
         )
 
 
+def _check_kv_scales(args: EngineArgs) -> None:
+    if args.calculate_kv_scales and not args.kv_cache_dtype.startswith("fp8"):
+        raise ConfigError(
+            "--calculate-kv-scales",
+            True,
+            f"scales only apply to an fp8 KV cache (--kv-cache-dtype is {args.kv_cache_dtype})",
+        )
+
+
 def _check_formats(args: EngineArgs, files: ModelFiles) -> tuple[str, str | None]:
     """The load format and quantization, checked against the model's files."""
     load_format = args.load_format
@@ -920,6 +934,7 @@ def resolve_config(args: EngineArgs) -> EngineConfig:
     device = resolve_device(args.device)
     files = find_model(args.model, "--model", args.download_dir)
     load_format, quantization = _check_formats(args, files)
+    _check_kv_scales(args)
     model = resolve_model_config(args, files, device, quantization)
     block_size = resolve_block_size(args.block_size, device)
     return EngineConfig(

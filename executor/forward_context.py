@@ -32,8 +32,6 @@ class AttentionMetadata:
 class ForwardContext:
     attn: AttentionMetadata | None
     kv_caches: list[torch.Tensor]  # per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]
-    k_scale: float = 1.0
-    v_scale: float = 1.0
 
 
 _current: ForwardContext | None = None

@@ -20,6 +20,7 @@ from executor.config import EngineConfig
 from executor.cuda_graphs import DecodeGraphs, capture_sizes
 from executor.forward_context import AttentionMetadata, ForwardContext, forward_context
 from executor.loader import torch_dtype
+from executor.loader.kv_scales import attention_layers
 from executor.messages import Logprobs, NewRequest, SamplingOptions, StepInput, StepOutput
 from executor.sampler import Sampler, SamplingBatch, compute_prompt_logprobs
 
@@ -64,6 +65,10 @@ class ModelRunner:
         # seconds spent in model forwards and steps executed, for bench/overhead.py
         self.forward_time_s = 0.0
         self.num_steps = 0
+        self._capture_after_first_step = False
+        if config.cache.calculate_kv_scales:
+            for layer in attention_layers(model):
+                layer.calculate_scales = True
 
     # ---- KV cache ----------------------------------------------------------------
     def allocate_kv_cache(self, num_blocks: int, num_layers: int, num_kv_heads: int, head_dim: int):
@@ -82,7 +87,14 @@ class ModelRunner:
         return torch_dtype(self.config.model.dtype)
 
     def capture_cuda_graphs(self) -> None:
-        """Decode graphs for every batch size up to --max-num-seqs (CUDA, not eager)."""
+        """Decode graphs for every batch size up to --max-num-seqs (CUDA, not eager).
+
+        With --calculate-kv-scales the capture waits for the first step: the graphs
+        bake the scales in, and those come from that step's keys and values.
+        """
+        if any(layer.calculate_scales for layer in attention_layers(self.model)):
+            self._capture_after_first_step = True
+            return
         cfg = self.config
         max_len = min(cfg.model.max_seq_len_to_capture, cfg.model.max_model_len)
         self.graphs = DecodeGraphs(
@@ -195,6 +207,9 @@ class ModelRunner:
         self.num_steps += 1
         prompt_lps = self._prompt_logprobs(batch, hidden)
         sampled, logprobs = self._sample(batch, hidden)
+        if self._capture_after_first_step:
+            self._capture_after_first_step = False
+            self.capture_cuda_graphs()
         return self._make_output(step, batch, sampled, logprobs, prompt_lps)
 
     def _forward(self, input_ids, positions, attn: AttentionMetadata) -> torch.Tensor:

@@ -98,6 +98,13 @@ class Worker:
         assert self.runner is not None
         return str(self.runner.kv_caches[0].dtype)
 
+    def kv_scales(self) -> list[list[float]]:
+        """(k_scale, v_scale) of each attention layer of this rank's model."""
+        from executor.loader.kv_scales import attention_layers
+
+        assert self.runner is not None
+        return [[a.k_scale, a.v_scale] for a in attention_layers(self.runner.model)]
+
     def get_timing(self) -> dict[str, float]:
         """Model-forward seconds and steps so far (what bench/overhead.py subtracts)."""
         assert self.runner is not None

@@ -41,7 +41,9 @@ def write_kv_ref(
     for src, cache, scale in ((key, k_cache, k_scale), (value, v_cache, v_scale)):
         src = src[valid]
         if cache.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            src = src.float() / scale
+            # saturate: a cast beyond the FP8 range gives NaN, not the largest value
+            fp8_max = torch.finfo(cache.dtype).max
+            src = (src.float() / scale).clamp(-fp8_max, fp8_max)
         cache.view(-1, hk, d)[slots] = src.to(cache.dtype)
 
 
@@ -70,6 +72,7 @@ def _write_kv_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
     FP8: tl.constexpr,
+    FP8_MAX: tl.constexpr,  # saturation bound of the FP8 cache type (0.0 otherwise)
     INTERPRET: tl.constexpr,
 ):
     # One program copies BLOCK_H heads of one token's key and value rows into its slot.
@@ -88,8 +91,8 @@ def _write_kv_kernel(
     v = tl.load(value_ptr + src_t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
     if FP8:
         # Exact division, as the reference does, before the one rounding to FP8.
-        k = tl.math.div_rn(k.to(tl.float32), k_scale)
-        v = tl.math.div_rn(v.to(tl.float32), v_scale)
+        k = tl.clamp(tl.math.div_rn(k.to(tl.float32), k_scale), -FP8_MAX, FP8_MAX)
+        v = tl.clamp(tl.math.div_rn(v.to(tl.float32), v_scale), -FP8_MAX, FP8_MAX)
     k_dst = block * stride_kcb + offset * stride_kct + h[:, None] * stride_kch + d[None, :]
     v_dst = block * stride_vcb + offset * stride_vct + h[:, None] * stride_vch + d[None, :]
     tl.store(k_cache_ptr + k_dst, cast_to(k, k_cache_ptr.dtype.element_ty, INTERPRET), mask=mask)
@@ -153,13 +156,15 @@ def write_kv_triton(
     # About 4K elements (8 KB of bf16) per program: whole tokens for common shapes.
     block_h = min(next_pow2(num_kv_heads), max(1, 4096 // block_d))
     grid = (num_tokens, -(-num_kv_heads // block_h))
+    fp8 = k_cache.dtype in FP8_DTYPES
+    fp8_max = float(torch.finfo(k_cache.dtype).max) if fp8 else 0.0
     _write_kv_kernel[grid](
         key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
-        BLOCK_H=block_h, BLOCK_D=block_d, FP8=k_cache.dtype in FP8_DTYPES,
+        BLOCK_H=block_h, BLOCK_D=block_d, FP8=fp8, FP8_MAX=fp8_max,
         INTERPRET=interpreting(), num_warps=4,
     )  # fmt: skip
 

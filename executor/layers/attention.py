@@ -14,6 +14,9 @@ from executor.forward_context import get_forward_context
 from kernels.attention import paged_attention
 from kernels.kv_write import write_kv
 
+KV_SCALE_HEADROOM = 2.0
+MIN_KV_AMAX = 1e-4  # an all-zero first step must not give a zero scale
+
 
 class Attention(nn.Module):
     """Multi-head attention with grouped-query heads over a paged KV cache.
@@ -42,6 +45,11 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.sliding_window = sliding_window or 0
         self.soft_cap = soft_cap or 0.0
+        # FP8 cache scales (value stored = value / scale): the checkpoint's, else 1.0;
+        # with --calculate-kv-scales taken from the first step that writes the cache.
+        self.k_scale = 1.0
+        self.v_scale = 1.0
+        self.calculate_scales = False
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ctx = get_forward_context()
@@ -59,7 +67,9 @@ class Attention(nn.Module):
         meta = ctx.attn
         assert meta is not None
         cache = ctx.kv_caches[self.layer_idx]  # [2, N, B, Hk, D]
-        write_kv(k, v, cache[0], cache[1], meta.slot_mapping, ctx.k_scale, ctx.v_scale)
+        if self.calculate_scales:
+            self._calculate_scales(k, v, cache.dtype)
+        write_kv(k, v, cache[0], cache[1], meta.slot_mapping, self.k_scale, self.v_scale)
         out = torch.empty_like(q)  # [T, H, D]
         paged_attention(
             q,
@@ -74,10 +84,20 @@ class Attention(nn.Module):
             self.scale,
             self.sliding_window,
             self.soft_cap,
-            ctx.k_scale,
-            ctx.v_scale,
+            self.k_scale,
+            self.v_scale,
         )
         return out
+
+    def _calculate_scales(self, k: torch.Tensor, v: torch.Tensor, cache_dtype: torch.dtype) -> None:
+        # Once, on the first step: the scale maps this step's largest magnitude to half
+        # the FP8 range, leaving headroom for later tokens (writes saturate beyond it).
+        self.calculate_scales = False
+        if cache_dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+            return
+        half_range = torch.finfo(cache_dtype).max / KV_SCALE_HEADROOM
+        self.k_scale = max(float(k.abs().amax()), MIN_KV_AMAX) / half_range
+        self.v_scale = max(float(v.abs().amax()), MIN_KV_AMAX) / half_range
 
     def _attend_one_sequence(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor

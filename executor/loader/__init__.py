@@ -16,6 +16,7 @@ import torch
 from executor.config import EngineConfig, ModelConfig
 from executor.loader.dummy import init_dummy_weights
 from executor.loader.gguf import iter_gguf
+from executor.loader.kv_scales import apply_kv_scales, split_kv_scales
 from executor.loader.safetensors_pt import (
     find_pt_files,
     find_safetensors_files,
@@ -66,7 +67,9 @@ def load_model(config: EngineConfig, device: torch.device) -> CausalLM:
     if config.load.load_format == "dummy":
         init_dummy_weights(model, mc.seed)
     else:
-        model.load_weights(checkpoint_weights(config))
+        scales: dict[tuple[int, str], float] = {}
+        model.load_weights(split_kv_scales(checkpoint_weights(config), scales))
+        apply_kv_scales(model, scales, config.cache.cache_dtype.startswith("fp8"))
     return model.eval()
 
 

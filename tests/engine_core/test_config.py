@@ -428,7 +428,6 @@ REFUSED_VALUES: dict[str, Any] = {
     "device": "tpu",
     "num_lookahead_slots": 1,
     "cpu_offload_gb": 1.0,
-    "calculate_kv_scales": True,
     "enable_sleep_mode": True,
     "num_scheduler_steps": 2,
     "multi_step_stream_outputs": False,

@@ -64,6 +64,22 @@ def test_matches_reference_bit_for_bit(
     assert int(written.sum()) == 11
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_write_saturates_instead_of_nan(cache_dtype: torch.dtype) -> None:
+    # Values beyond the FP8 range (a scale computed on an earlier step can be too small)
+    # must store the largest finite value, in the kernel and in the reference alike.
+    torch.manual_seed(8)
+    key, value, slots = make_inputs(6, torch.float32, False)
+    key[0, 0, 0], value[2, 1, 3] = 1e9, -1e9
+    fp8_max = torch.finfo(cache_dtype).max
+    for write in (write_kv_ref, write_kv_triton):
+        k_cache, v_cache = poisoned_cache(cache_dtype), poisoned_cache(cache_dtype)
+        write(key, value, k_cache, v_cache, slots, 1.0, 1.0)
+        k_flat, v_flat = k_cache.view(-1, KV_HEADS, HEAD_DIM), v_cache.view(-1, KV_HEADS, HEAD_DIM)
+        assert float(k_flat[slots[0], 0, 0].float()) == fp8_max
+        assert float(v_flat[slots[2], 1, 3].float()) == -fp8_max
+
+
 def test_public_function_on_cpu_runs_reference() -> None:
     torch.manual_seed(7)
     key, value, slots = make_inputs(5, torch.float32, False)
