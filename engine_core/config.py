@@ -210,9 +210,23 @@ def _level(value: Any) -> dict[str, Any]:
     return {"level": value} if isinstance(value, int) else value
 
 
-def _level_in_range(value: Any) -> str | None:
-    level = _level(value).get("level", 0)
-    return None if isinstance(level, int) and 0 <= level <= 3 else "level must be 0-3"
+COMPILATION_KEYS = ("level", "cudagraph_capture_sizes")
+
+
+def _compilation_problem(value: Any) -> str | None:
+    config = _level(value)
+    unknown = sorted(set(config) - set(COMPILATION_KEYS))
+    if unknown:
+        return f"unknown key {unknown[0]!r} (this build reads: {', '.join(COMPILATION_KEYS)})"
+    level = config.get("level", 0)
+    if not (isinstance(level, int) and 0 <= level <= 3):
+        return "level must be 0-3"
+    sizes = config.get("cudagraph_capture_sizes")
+    if sizes is not None and not (
+        isinstance(sizes, list) and all(isinstance(n, int) and n > 0 for n in sizes)
+    ):
+        return "cudagraph_capture_sizes must be a list of positive integers"
+    return None
 
 
 def _refused(reason: str, check: Callable[[Any], str | None] | None = None) -> Rule:
@@ -353,11 +367,11 @@ RULES: dict[str, Rule] = {
     "enforce_eager": Rule(WORKS_CPU, "CUDA graphs are off on the CPU, so it is always eager"),
     "max_seq_len_to_capture": Rule(WORKS_CPU, "CUDA graphs are off on the CPU", check=_positive),
     "compilation_config": Rule(
-        WORKS_CPU,
-        "torch.compile and CUDA graphs arrive with the GPU path, not in this build yet",
-        accepts=lambda value: set(_level(value)) <= {"level"} and _level(value).get("level") == 0,
-        scope="level 0",
-        check=_level_in_range,
+        WORKS,
+        "levels 1-3 torch.compile the model forward in pieces between attention layers "
+        "(the three levels are the same here), under the CUDA graphs unless --enforce-eager; "
+        "JSON keys: level, cudagraph_capture_sizes",
+        check=_compilation_problem,
     ),
     "additional_config": _refused("this build has no platform-specific settings"),
     # Quantization
@@ -839,6 +853,13 @@ def _check_partial_prefills(args: EngineArgs, chunked: bool, max_model_len: int)
         )
 
 
+def resolve_compilation(value: Any) -> CompilationConfig:
+    config = _level(value) if value is not None else {}
+    return CompilationConfig(
+        level=config.get("level", 0), cudagraph_capture_sizes=config.get("cudagraph_capture_sizes")
+    )
+
+
 def _check_kv_scales(args: EngineArgs) -> None:
     if args.calculate_kv_scales and not args.kv_cache_dtype.startswith("fp8"):
         raise ConfigError(
@@ -970,7 +991,7 @@ def resolve_config(args: EngineArgs) -> EngineConfig:
             disable_log_stats=args.disable_log_stats,
             disable_log_requests=args.disable_log_requests,
         ),
-        compilation=CompilationConfig(level=0),
+        compilation=resolve_compilation(args.compilation_config),
     )
 
 

@@ -55,6 +55,8 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, model: Any, device: torch.device):
         self.config = config
         self.model = model
+        if config.compilation.level > 0:
+            compile_model(model)
         self.device = device
         self.block_size = config.cache.block_size
         self.vocab_size = int(config.model.hf_config.get("vocab_size", 0))
@@ -279,3 +281,14 @@ class ModelRunner:
             logprobs,
             prompt_lps,
         )
+
+
+def compile_model(model: Any) -> None:
+    """-O 1-3: torch.compile the model's forward, in pieces between attention layers.
+
+    Attention and the collectives are graph breaks (they run our kernels, eagerly);
+    between them the compiler fuses norms, rotary, activations and residual adds.
+    Shapes are dynamic: one compile serves every number of tokens (batch size 1 is
+    specialized once). CUDA graphs, when on, capture the compiled code.
+    """
+    model.forward = torch.compile(model.forward, dynamic=True)

@@ -58,7 +58,13 @@ def kernel_mode() -> str:
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """Whether a kernel called on `t` should run its Triton version."""
+    """Whether a kernel called on `t` should run its Triton version.
+
+    Inside a torch.compile trace (-O) the reference runs: it is plain torch ops, which
+    the compiler fuses with their neighbours into kernels of its own.
+    """
+    if torch.compiler.is_compiling():
+        return False
     mode = kernel_mode()
     if mode == "ref" or not HAS_TRITON:
         return False

@@ -52,15 +52,20 @@ class Attention(nn.Module):
         self.calculate_scales = False
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        ctx = get_forward_context()
         q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, Hk, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)  # [T, Hk, D]
-        if ctx.attn is None:
-            out = self._attend_one_sequence(q, k, v)
-        else:
-            out = self._attend_paged(q, k, v)
+        out = self._attend(q, k, v)
         return out.view(-1, self.num_heads * self.head_dim)  # [T, H*D]
+
+    # Under torch.compile (-O) the model is compiled piecewise: attention is the break
+    # between pieces. It reads the step's metadata from the forward context, which
+    # changes every step; traced, it would recompile every step.
+    @torch.compiler.disable
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if get_forward_context().attn is None:
+            return self._attend_one_sequence(q, k, v)
+        return self._attend_paged(q, k, v)
 
     def _attend_paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         ctx = get_forward_context()

@@ -30,12 +30,15 @@ class TPGroup:
     size: int = 1
     group: Any = None  # torch.distributed ProcessGroup when size > 1
 
+    # Collectives stay outside torch.compile'd graphs (-O): a graph break, run eagerly.
+    @torch.compiler.disable
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size == 1:
             return x
         torch.distributed.all_reduce(x, group=self.group)
         return x
 
+    @torch.compiler.disable
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         if self.size == 1:
             return x

