@@ -25,6 +25,9 @@ The rules, in the order they are applied:
   max(8192, max_model_len).
 * CPU KV cache: TESSERA_CPU_KVCACHE_SPACE GiB (default 4); the number of blocks
   is that space divided by the bytes of one block (all layers, K and V).
+* Executor backend (auto): mp while TP x PP fits this machine's GPUs (on the CPU
+  there is no such limit), else ray when it is installed (a multi-node cluster),
+  else an error. --ray-workers-use-nsight needs the ray executor and nsys on PATH.
 * seed: vLLM's default is None; it resolves to 0 so that dummy weights and
   sampling are reproducible run to run.
 """
@@ -33,10 +36,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.util
 import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,6 +205,12 @@ def _fraction(value: Any) -> str | None:
     return None if 0 < value <= 1 else "must be above 0 and at most 1"
 
 
+def _nsys_on_path(value: Any) -> str | None:
+    if value and shutil.which("nsys") is None:
+        return "needs nsys (NVIDIA Nsight Systems) on PATH, and it is not there"
+    return None
+
+
 def _names(value: Any) -> str | None:
     names = [value] if isinstance(value, str) else value
     return None if names and all(names) else "needs at least one non-empty name"
@@ -296,13 +307,14 @@ RULES: dict[str, Rule] = {
     "qlora_adapter_name_or_path": _refused(_NO_LORA),
     # Parallelism and executor
     "distributed_executor_backend": _only(
-        ("uni", "mp"), "the ray and external_launcher executors are not in this build yet"
+        ("uni", "mp", "ray"), "the external_launcher executor is not in this build yet"
     ),
     "pipeline_parallel_size": _only(
         (1,), "pipeline parallelism is not in this build yet", check=_positive
     ),
     "tensor_parallel_size": _works(
-        "one worker process per rank (mp); gloo on the CPU, NCCL on CUDA", check=_positive
+        "one worker process (mp) or Ray actor (ray) per rank; gloo on the CPU, NCCL on CUDA",
+        check=_positive,
     ),
     "data_parallel_size": _only((1,), "data parallelism is not in this build yet", check=_positive),
     "enable_expert_parallel": _refused("there are no MoE models in this build"),
@@ -310,7 +322,11 @@ RULES: dict[str, Rule] = {
         "batched loading matters with tensor parallelism, not in this build yet",
         check=_positive,
     ),
-    "ray_workers_use_nsight": _refused("the ray executor is not in this build yet"),
+    "ray_workers_use_nsight": _works(
+        "each Ray actor runs under nsys profile; refused when nsys is not on PATH or the "
+        "executor is not ray",
+        check=_nsys_on_path,
+    ),
     "worker_cls": _refused("custom worker classes are not supported"),
     "worker_extension_cls": _refused("worker extension classes are not supported"),
     "disable_custom_all_reduce": _works("this build has no custom all-reduce to disable"),
@@ -917,18 +933,27 @@ def _log_accepted_notes(args: EngineArgs) -> None:
 def resolve_parallel(args: EngineArgs, model: ModelConfig, device: str) -> ParallelConfig:
     """The executor backend, and the checks that the model splits over the ranks."""
     tp = args.tensor_parallel_size
-    # mp whenever TP x PP fits the local devices: the worker is its own process
-    backend = args.distributed_executor_backend or "mp"
+    world = tp * args.pipeline_parallel_size
+    backend = args.distributed_executor_backend or auto_backend(tp, world, device)
     if tp > 1 and backend == "uni":
         raise ConfigError(
-            "distributed_executor_backend", backend, f"uni runs one worker; -tp {tp} needs mp"
+            "distributed_executor_backend",
+            backend,
+            f"uni runs one worker; -tp {tp} needs mp or ray",
         )
-    import torch
-
-    if device == "cuda" and tp > torch.cuda.device_count():
+    if backend == "ray" and not ray_installed():
         raise ConfigError(
-            "tensor_parallel_size", tp, f"only {torch.cuda.device_count()} GPUs are visible"
+            "distributed_executor_backend",
+            backend,
+            "Ray is not installed: pip install 'tessera[ray]'",
         )
+    if args.ray_workers_use_nsight and backend != "ray":
+        raise ConfigError(
+            "ray_workers_use_nsight", True, f"it profiles Ray actors; the executor is {backend}"
+        )
+    local = local_device_count(device)
+    if backend != "ray" and local is not None and world > local:
+        raise ConfigError("tensor_parallel_size", tp, f"only {local} GPUs are visible")
     hf = model.hf_config
     heads = hf.get("num_attention_heads") or hf.get("n_head") or 0
     if heads % tp:
@@ -941,6 +966,35 @@ def resolve_parallel(args: EngineArgs, model: ModelConfig, device: str) -> Paral
         data_parallel_size=args.data_parallel_size,
         distributed_executor_backend=backend,
         disable_custom_all_reduce=args.disable_custom_all_reduce,
+        ray_workers_use_nsight=args.ray_workers_use_nsight,
+    )
+
+
+def local_device_count(device: str) -> int | None:
+    """The GPUs of this machine; None on the CPU, which sets no limit on ranks."""
+    if device != "cuda":
+        return None
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def ray_installed() -> bool:
+    return importlib.util.find_spec("ray") is not None
+
+
+def auto_backend(tp: int, world: int, device: str) -> str:
+    """mp while TP x PP fits this machine's devices, else ray (a multi-node cluster)."""
+    local = local_device_count(device)
+    if local is None or world <= local:
+        return "mp"
+    if ray_installed():
+        return "ray"
+    raise ConfigError(
+        "tensor_parallel_size",
+        tp,
+        f"TP x PP = {world} ranks exceed the {local} local GPUs, and Ray (for a multi-node "
+        "cluster) is not installed: pip install 'tessera[ray]'",
     )
 
 

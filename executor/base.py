@@ -45,4 +45,8 @@ def make_executor(config: EngineConfig) -> Executor:
         from executor.mp import MpExecutor
 
         return MpExecutor(config)
+    if backend == "ray":
+        from executor.ray_executor import RayExecutor
+
+        return RayExecutor(config)
     raise ValueError(f"--distributed-executor-backend={backend}: not available in this build")

@@ -2,7 +2,8 @@
 
 It says hello, receives the encoded EngineConfig once, loads the model, reports how
 many KV blocks fit, then serves broadcast messages (steps, RPCs) until shutdown.
-Only the driver rank (0) answers steps; every rank answers RPCs.
+Only the driver rank (0) answers steps; every rank answers RPCs. `run_step` and
+`run_rpc` are shared with the Ray actor (`executor/ray_worker.py`).
 """
 
 from __future__ import annotations
@@ -98,16 +99,16 @@ def _serve(worker: Any, rank: int, sub: Receiver, results: Sender) -> None:
             logger.exception("malformed message dropped")
             continue
         if isinstance(msg, StepInput):
-            out = _run_step(worker, msg)
+            out = run_step(worker, msg)
             if rank == 0 or out.error is not None:
                 results.send(out)
         elif isinstance(msg, WorkerRpc):
-            results.send(_run_rpc(worker, rank, msg))
+            results.send(run_rpc(worker, rank, msg))
         elif isinstance(msg, WorkerShutdown):
             return
 
 
-def _run_step(worker: Any, step: StepInput) -> StepOutput:
+def run_step(worker: Any, step: StepInput) -> StepOutput:
     try:
         return worker.execute(step)
     except Exception:
@@ -115,7 +116,7 @@ def _run_step(worker: Any, step: StepInput) -> StepOutput:
         return StepOutput(step.step_id, error=traceback.format_exc())
 
 
-def _run_rpc(worker: Any, rank: int, call: WorkerRpc) -> WorkerRpcResult:
+def run_rpc(worker: Any, rank: int, call: WorkerRpc) -> WorkerRpcResult:
     try:
         result = getattr(worker, call.method)(*call.args)
         msgspec.msgpack.encode(result)  # fail here, not in the sender, if it can't travel
