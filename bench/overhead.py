@@ -1,9 +1,11 @@
 """Engine overhead per step outside the model forward, on the CPU (issue: process split).
 
 A tiny model (so the forward is cheap), a steady decode batch of --batch-size requests;
-per step: (wall time - model forward time) / steps, for the `uni` executor (worker in
-the engine core, core in this process) and for `mp` (core and worker each in their own
-process). The forward time comes from the worker (`collective_rpc("get_timing")`).
+per step, for the `uni` executor (worker in the engine core, core in this process) and
+for `mp` (core and worker each in their own process): the wall time, the model forward,
+the rest of the worker's step (batch building, LM head, sampler, outputs), and what lies
+outside the worker (scheduling, IPC both ways, output processing, detokenization). The
+worker's times come from `collective_rpc("get_timing")`.
 
     python bench/overhead.py --batch-size 256 --output-len 64
 """
@@ -53,14 +55,18 @@ def measure(model: str, backend: str, batch: int, output_len: int) -> dict:
     after = llm.collective_rpc("get_timing")[0]
     llm.shutdown()
     forward = after["forward_s"] - before["forward_s"]
-    worker_steps = after["steps"] - before["steps"]
+    execute = after["execute_s"] - before["execute_s"]
+    n = after["steps"] - before["steps"]
     return {
         "backend": backend,
         "batch_size": batch,
-        "steps": worker_steps,
-        "wall_ms_per_step": round(1000 * wall / worker_steps, 3),
-        "forward_ms_per_step": round(1000 * forward / worker_steps, 3),
-        "overhead_ms_per_step": round(1000 * (wall - forward) / worker_steps, 3),
+        "steps": n,
+        "wall_ms_per_step": round(1000 * wall / n, 3),
+        "forward_ms_per_step": round(1000 * forward / n, 3),
+        # LM head, sampler, batch building and output building in the worker
+        "worker_rest_ms_per_step": round(1000 * (execute - forward) / n, 3),
+        # scheduling, IPC both ways, output processing and detokenization
+        "outside_worker_ms_per_step": round(1000 * (wall - execute) / n, 3),
         "client_outputs": steps,
     }
 

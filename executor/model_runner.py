@@ -66,6 +66,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         # seconds spent in model forwards and steps executed, for bench/overhead.py
         self.forward_time_s = 0.0
+        self.execute_time_s = 0.0  # whole steps: inputs, forward, logits, sampling, outputs
         self.num_steps = 0
         self._capture_after_first_step = False
         if config.cache.calculate_kv_scales:
@@ -197,6 +198,13 @@ class ModelRunner:
     # ---- execute -----------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
+        t0 = time.perf_counter()
+        try:
+            return self._execute(step)
+        finally:
+            self.execute_time_s += time.perf_counter() - t0
+
+    def _execute(self, step: StepInput) -> StepOutput:
         self._apply_step(step)
         if not step.num_scheduled_tokens:
             return StepOutput(step.step_id)

@@ -108,7 +108,12 @@ class Worker:
     def get_timing(self) -> dict[str, float]:
         """Model-forward seconds and steps so far (what bench/overhead.py subtracts)."""
         assert self.runner is not None
-        return {"forward_s": self.runner.forward_time_s, "steps": self.runner.num_steps}
+        runner = self.runner
+        return {
+            "forward_s": runner.forward_time_s,
+            "execute_s": runner.execute_time_s,
+            "steps": runner.num_steps,
+        }
 
 
 def _import_class(qualname: str) -> type:
