@@ -63,6 +63,7 @@ from engine_core.args import (
 )
 from engine_core.models_alias import AliasNotInstalledError, is_alias, resolve_alias
 from executor.config import (
+    ArgumentError,
     CacheConfig,
     CompilationConfig,
     DeviceConfig,
@@ -281,24 +282,33 @@ RULES: dict[str, Rule] = {
     "qlora_adapter_name_or_path": _refused(_NO_LORA),
     # Parallelism and executor
     "distributed_executor_backend": _only(
-        ("uni", "mp"), "the ray and external_launcher executors are not in this build yet"
+        ("uni", "mp", "external_launcher"), "the ray executor is not in this build yet"
     ),
     "pipeline_parallel_size": _only(
         (1,), "pipeline parallelism is not in this build yet", check=_positive
     ),
     "tensor_parallel_size": _works(
-        "one worker process per rank (mp); gloo on the CPU, NCCL on CUDA", check=_positive
+        "one worker process per rank (mp), or one torchrun process per rank "
+        "(external_launcher); gloo on the CPU, NCCL on CUDA",
+        check=_positive,
     ),
     "data_parallel_size": _only((1,), "data parallelism is not in this build yet", check=_positive),
     "enable_expert_parallel": _refused("there are no MoE models in this build"),
-    "max_parallel_loading_workers": _refused(
-        "batched loading matters with tensor parallelism, not in this build yet",
+    "max_parallel_loading_workers": _works(
+        "local ranks load in waves of at most N (a barrier between waves); a rank reads "
+        "one tensor (safetensors, GGUF) or one file (.bin) at a time and keeps only its shard",
         check=_positive,
     ),
     "ray_workers_use_nsight": _refused("the ray executor is not in this build yet"),
-    "worker_cls": _refused("custom worker classes are not supported"),
-    "worker_extension_cls": _refused("worker extension classes are not supported"),
-    "disable_custom_all_reduce": _works("this build has no custom all-reduce to disable"),
+    "worker_cls": _works("a subclass of executor.worker.Worker (module.Class)"),
+    "worker_extension_cls": _works(
+        "a class (module.Class) mixed into the worker; its methods are called through "
+        "collective_rpc"
+    ),
+    "disable_custom_all_reduce": _works(
+        "changes nothing, since there is no custom all-reduce: every all-reduce goes "
+        "through torch.distributed (NCCL on CUDA, gloo on the CPU)"
+    ),
     "device": _only(
         ("auto", "cpu", "cuda"), "this build runs on the CPU and (with the GPU path) CUDA"
     ),
@@ -888,25 +898,65 @@ def resolve_parallel(args: EngineArgs, model: ModelConfig, device: str) -> Paral
         raise ConfigError(
             "distributed_executor_backend", backend, f"uni runs one worker; -tp {tp} needs mp"
         )
-    import torch
-
-    if device == "cuda" and tp > torch.cuda.device_count():
-        raise ConfigError(
-            "tensor_parallel_size", tp, f"only {torch.cuda.device_count()} GPUs are visible"
-        )
+    if backend == "external_launcher":
+        _check_launcher(args)
+    else:
+        _check_local_gpus(tp, device)  # torchrun ranks may span nodes: each sees its own
     hf = model.hf_config
     heads = hf.get("num_attention_heads") or hf.get("n_head") or 0
     if heads % tp:
         raise ConfigError(
             "tensor_parallel_size", tp, f"the model's {heads} attention heads do not split evenly"
         )
-    return ParallelConfig(
+    parallel = ParallelConfig(
         tensor_parallel_size=tp,
         pipeline_parallel_size=args.pipeline_parallel_size,
         data_parallel_size=args.data_parallel_size,
         distributed_executor_backend=backend,
+        max_parallel_loading_workers=args.max_parallel_loading_workers,
         disable_custom_all_reduce=args.disable_custom_all_reduce,
+        worker_cls=args.worker_cls or "auto",
+        worker_extension_cls=args.worker_extension_cls,
     )
+    _check_worker_class(parallel)
+    return parallel
+
+
+def _check_local_gpus(tp: int, device: str) -> None:
+    import torch
+
+    if device == "cuda" and tp > torch.cuda.device_count():
+        raise ConfigError(
+            "tensor_parallel_size", tp, f"only {torch.cuda.device_count()} GPUs are visible"
+        )
+
+
+def _check_launcher(args: EngineArgs) -> None:
+    """torchrun's ranks are the engine's ranks; all must schedule alike."""
+    from executor.external_launcher import check_world_size, launcher_ranks
+
+    try:
+        _, _, world = launcher_ranks()
+        check_world_size(world, args.tensor_parallel_size, args.pipeline_parallel_size)
+    except ArgumentError as error:
+        raise ConfigError(error.flag, error.value, error.reason) from None
+    if args.scheduler_delay_factor > 0:
+        raise ConfigError(
+            "scheduler_delay_factor",
+            args.scheduler_delay_factor,
+            "it times prompts by each rank's own clock, so the ranks of external_launcher "
+            "would schedule apart",
+        )
+
+
+def _check_worker_class(parallel: ParallelConfig) -> None:
+    # Imported here too, so that a wrong name fails before any worker starts.
+    from executor.worker import worker_class
+
+    try:
+        worker_class(parallel)
+    except ArgumentError as error:
+        raise ConfigError(error.flag, error.value, error.reason) from None
 
 
 def resolve_config(args: EngineArgs) -> EngineConfig:

@@ -45,4 +45,8 @@ def make_executor(config: EngineConfig) -> Executor:
         from executor.mp import MpExecutor
 
         return MpExecutor(config)
+    if backend == "external_launcher":
+        from executor.external_launcher import ExternalLauncherExecutor
+
+        return ExternalLauncherExecutor(config)
     raise ValueError(f"--distributed-executor-backend={backend}: not available in this build")
