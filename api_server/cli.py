@@ -203,6 +203,12 @@ def _check_server_args(args: argparse.Namespace) -> None:
     if args.enable_auto_tool_choice or args.tool_call_parser:
         flag = "--enable-auto-tool-choice" if args.enable_auto_tool_choice else "--tool-call-parser"
         _fail(2, f"{flag}: tool calling is not supported yet")
+    if args.distributed_executor_backend == "external_launcher":
+        _fail(
+            2,
+            "--distributed-executor-backend=external_launcher: it runs the offline LLM in "
+            "each torchrun rank; a server needs mp or uni",
+        )
     if args.port < 0 or args.port > 65535:
         _fail(2, f"--port={args.port}: must be in [0, 65535]")
     if args.max_log_len is not None and args.max_log_len < 0:

@@ -19,6 +19,7 @@ import zmq
 import zmq.asyncio
 
 from engine_core.client import CoreProcess, EngineDeadError
+from engine_core.config import ConfigError
 from engine_core.messages import (
     AbortRequests,
     CoreMessage,
@@ -59,6 +60,12 @@ class AsyncEngineClient:
 
     @classmethod
     async def start(cls, config: EngineConfig, tokenizer: Any | None) -> AsyncEngineClient:
+        if config.parallel.distributed_executor_backend == "external_launcher":
+            raise ConfigError(
+                "distributed_executor_backend",
+                "external_launcher",
+                "it runs the offline LLM in each torchrun rank; a server needs mp or uni",
+            )
         self = cls(config, tokenizer)
         loop = asyncio.get_running_loop()
         # the handshake blocks (model loading): keep the event loop free meanwhile
@@ -142,6 +149,10 @@ class AsyncEngineClient:
         assert self._core is not None
         self._core.input.send(UtilityCall(call_id, method, list(args)))
         return await fut
+
+    async def collective_rpc(self, method: str, args: tuple = ()) -> list[Any]:
+        """Call `method(*args)` on every worker; one result per rank, in rank order."""
+        return await self.call("collective_rpc", method, list(args))
 
     # ---- the output handler -------------------------------------------------------
     async def _output_handler(self) -> None:

@@ -235,7 +235,12 @@ class SyncMPClient:
 
 
 def make_sync_client(config: EngineConfig) -> InprocClient | SyncMPClient:
-    """Multiprocess unless TESSERA_ENABLE_MULTIPROCESSING=0 (or the uni executor is asked)."""
-    if os.environ.get("TESSERA_ENABLE_MULTIPROCESSING", "1") == "0":
+    """Multiprocess unless TESSERA_ENABLE_MULTIPROCESSING=0. Under external_launcher
+    the core always runs in the calling process: that process is the rank torchrun
+    started, and its worker must be there too."""
+    if (
+        os.environ.get("TESSERA_ENABLE_MULTIPROCESSING", "1") == "0"
+        or config.parallel.distributed_executor_backend == "external_launcher"
+    ):
         return InprocClient(config)
     return SyncMPClient(config)

@@ -68,6 +68,7 @@ from engine_core.args import (
 )
 from engine_core.models_alias import AliasNotInstalledError, is_alias, resolve_alias
 from executor.config import (
+    ArgumentError,
     CacheConfig,
     CompilationConfig,
     DeviceConfig,
@@ -306,20 +307,22 @@ RULES: dict[str, Rule] = {
     "served_model_name": _works(check=_names),
     "qlora_adapter_name_or_path": _refused(_NO_LORA),
     # Parallelism and executor
-    "distributed_executor_backend": _only(
-        ("uni", "mp", "ray"), "the external_launcher executor is not in this build yet"
+    "distributed_executor_backend": _works(
+        "default: mp while TP x PP fits the local GPUs, else ray when installed"
     ),
     "pipeline_parallel_size": _only(
         (1,), "pipeline parallelism is not in this build yet", check=_positive
     ),
     "tensor_parallel_size": _works(
-        "one worker process (mp) or Ray actor (ray) per rank; gloo on the CPU, NCCL on CUDA",
+        "one worker process (mp), Ray actor (ray) or torchrun process (external_launcher) "
+        "per rank; gloo on the CPU, NCCL on CUDA",
         check=_positive,
     ),
     "data_parallel_size": _only((1,), "data parallelism is not in this build yet", check=_positive),
     "enable_expert_parallel": _refused("there are no MoE models in this build"),
-    "max_parallel_loading_workers": _refused(
-        "batched loading matters with tensor parallelism, not in this build yet",
+    "max_parallel_loading_workers": _works(
+        "local ranks load in waves of at most N (a barrier between waves); a rank reads "
+        "one tensor (safetensors, GGUF) or one file (.bin) at a time and keeps only its shard",
         check=_positive,
     ),
     "ray_workers_use_nsight": _works(
@@ -327,9 +330,15 @@ RULES: dict[str, Rule] = {
         "executor is not ray",
         check=_nsys_on_path,
     ),
-    "worker_cls": _refused("custom worker classes are not supported"),
-    "worker_extension_cls": _refused("worker extension classes are not supported"),
-    "disable_custom_all_reduce": _works("this build has no custom all-reduce to disable"),
+    "worker_cls": _works("a subclass of executor.worker.Worker (module.Class)"),
+    "worker_extension_cls": _works(
+        "a class (module.Class) mixed into the worker; its methods are called through "
+        "collective_rpc"
+    ),
+    "disable_custom_all_reduce": _works(
+        "changes nothing, since there is no custom all-reduce: every all-reduce goes "
+        "through torch.distributed (NCCL on CUDA, gloo on the CPU)"
+    ),
     "device": _only(
         ("auto", "cpu", "cuda"), "this build runs on the CPU and (with the GPU path) CUDA"
     ),
@@ -951,23 +960,31 @@ def resolve_parallel(args: EngineArgs, model: ModelConfig, device: str) -> Paral
         raise ConfigError(
             "ray_workers_use_nsight", True, f"it profiles Ray actors; the executor is {backend}"
         )
-    local = local_device_count(device)
-    if backend != "ray" and local is not None and world > local:
-        raise ConfigError("tensor_parallel_size", tp, f"only {local} GPUs are visible")
+    if backend == "external_launcher":
+        _check_launcher(args)
+    else:  # torchrun ranks may span nodes: each sees its own GPUs
+        local = local_device_count(device)
+        if backend != "ray" and local is not None and world > local:
+            raise ConfigError("tensor_parallel_size", tp, f"only {local} GPUs are visible")
     hf = model.hf_config
     heads = hf.get("num_attention_heads") or hf.get("n_head") or 0
     if heads % tp:
         raise ConfigError(
             "tensor_parallel_size", tp, f"the model's {heads} attention heads do not split evenly"
         )
-    return ParallelConfig(
+    parallel = ParallelConfig(
         tensor_parallel_size=tp,
         pipeline_parallel_size=args.pipeline_parallel_size,
         data_parallel_size=args.data_parallel_size,
         distributed_executor_backend=backend,
+        max_parallel_loading_workers=args.max_parallel_loading_workers,
         disable_custom_all_reduce=args.disable_custom_all_reduce,
         ray_workers_use_nsight=args.ray_workers_use_nsight,
+        worker_cls=args.worker_cls or "auto",
+        worker_extension_cls=args.worker_extension_cls,
     )
+    _check_worker_class(parallel)
+    return parallel
 
 
 def local_device_count(device: str) -> int | None:
@@ -996,6 +1013,34 @@ def auto_backend(tp: int, world: int, device: str) -> str:
         f"TP x PP = {world} ranks exceed the {local} local GPUs, and Ray (for a multi-node "
         "cluster) is not installed: pip install 'tessera[ray]'",
     )
+
+
+def _check_launcher(args: EngineArgs) -> None:
+    """torchrun's ranks are the engine's ranks; all must schedule alike."""
+    from executor.external_launcher import check_world_size, launcher_ranks
+
+    try:
+        _, _, world = launcher_ranks()
+        check_world_size(world, args.tensor_parallel_size, args.pipeline_parallel_size)
+    except ArgumentError as error:
+        raise ConfigError(error.flag, error.value, error.reason) from None
+    if args.scheduler_delay_factor > 0:
+        raise ConfigError(
+            "scheduler_delay_factor",
+            args.scheduler_delay_factor,
+            "it times prompts by each rank's own clock, so the ranks of external_launcher "
+            "would schedule apart",
+        )
+
+
+def _check_worker_class(parallel: ParallelConfig) -> None:
+    # Imported here too, so that a wrong name fails before any worker starts.
+    from executor.worker import worker_class
+
+    try:
+        worker_class(parallel)
+    except ArgumentError as error:
+        raise ConfigError(error.flag, error.value, error.reason) from None
 
 
 def resolve_config(args: EngineArgs) -> EngineConfig:

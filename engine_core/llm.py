@@ -33,6 +33,9 @@ class LLM:
         self.inputs = InputProcessor(self.config, self.tokenizer)
         self.outputs = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
+        # Under external_launcher every rank must order requests alike: arrival by
+        # count, not by each rank's clock (the priority policy breaks ties by arrival).
+        self._lockstep = self.config.parallel.distributed_executor_backend == "external_launcher"
 
     def _load_tokenizer(self) -> Tokenizer:
         m = self.config.model
@@ -65,9 +68,11 @@ class LLM:
         self.inputs.check_token_ids(prompt_ids)
         params = self.inputs.resolve_params(params, len(prompt_ids))
         params = msgspec.structs.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
-        request_id = str(next(self._ids))
+        number = next(self._ids)
+        request_id = str(number)
         self.outputs.add_request(request_id, text, prompt_ids, params)
-        for req in self.inputs.make_requests(request_id, prompt_ids, params, priority):
+        arrival = float(number) if self._lockstep else None
+        for req in self.inputs.make_requests(request_id, prompt_ids, params, priority, arrival):
             self.engine.add_request(req)
         return request_id
 
@@ -122,6 +127,9 @@ class LLM:
         return self.engine.call("reset_prefix_cache")
 
     def collective_rpc(self, method: str, args: tuple = ()) -> list[Any]:
+        """Call `method(*args)` on every worker (a method of the worker class, e.g. one
+        that --worker-extension-cls adds); one result per rank, in rank order. Under
+        external_launcher each rank answers for itself: a list of one."""
         return self.engine.call("collective_rpc", method, list(args))
 
     def shutdown(self) -> None:

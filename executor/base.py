@@ -49,4 +49,8 @@ def make_executor(config: EngineConfig) -> Executor:
         from executor.ray_executor import RayExecutor
 
         return RayExecutor(config)
+    if backend == "external_launcher":
+        from executor.external_launcher import ExternalLauncherExecutor
+
+        return ExternalLauncherExecutor(config)
     raise ValueError(f"--distributed-executor-backend={backend}: not available in this build")

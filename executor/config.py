@@ -13,6 +13,20 @@ from typing import Any
 import msgspec
 
 
+class ArgumentError(ValueError):
+    """An engine argument that the executor cannot carry out: `--flag=value: reason`.
+
+    Raised where only the executor can tell (a worker class, the launcher's ranks);
+    `engine_core.config` turns it into its ConfigError.
+    """
+
+    def __init__(self, flag: str, value: Any, reason: str) -> None:
+        self.flag = flag
+        self.value = value
+        self.reason = reason
+        super().__init__(f"{flag}={value}: {reason}")
+
+
 class _Frozen(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     pass
 

@@ -8,6 +8,8 @@ which `init_distributed` installs before the model is built.
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -33,6 +35,35 @@ def init_distributed(config: EngineConfig, rank: int, init_method: str | None) -
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
     set_tp_group(TPGroup(rank, par.tensor_parallel_size, dist.group.WORLD))
     logger.info("rank %d of %d joined the %s group", rank, world, backend)
+
+
+def in_loading_waves(
+    load: Callable[[], None], local_rank: int, max_parallel: int | None, world_size: int
+) -> None:
+    """Run `load()` in this rank's wave: at most `max_parallel` local ranks load at once.
+
+    Wave w holds local ranks [w * max_parallel, (w + 1) * max_parallel); a barrier over
+    the group ends each wave, so host memory holds at most `max_parallel` ranks' loading
+    buffers at a time. Every rank passes the same number of barriers (world_size bounds
+    the local ranks of any node).
+    """
+    if not max_parallel or world_size == 1 or not dist.is_initialized():
+        load()
+        return
+    mine = local_rank // max_parallel
+    for wave in range(math.ceil(world_size / max_parallel)):
+        if wave == mine:
+            load()
+        dist.barrier()
+
+
+def min_over_ranks(value: int, device: torch.device) -> int:
+    """The smallest `value` of all ranks (every rank must size its KV cache alike)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    x = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(x, op=dist.ReduceOp.MIN)
+    return int(x.item())
 
 
 def destroy_distributed() -> None:

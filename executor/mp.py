@@ -126,6 +126,7 @@ class MpExecutor(Executor):
         if self._dead is not None or getattr(self, "_closing", False):
             return
         proc = sentinels[ready[0]]  # type: ignore[index]
+        proc.join(timeout=1)  # reap it, so that its exit code is known
         self._dead = (
             f"worker process {proc.name} (pid {proc.pid}) died with exit code {proc.exitcode}"
         )
@@ -179,12 +180,15 @@ class MpExecutor(Executor):
         self._closing = True
         if not hasattr(self, "_procs"):
             return
+        # After a rank died the others may wait forever in a collective with it (NCCL
+        # never notices a dead peer): they get no grace period.
+        grace_s = 0.0 if self._dead is not None else 5.0
         try:
             self._bcast.send(WorkerShutdown())
         except zmq.ZMQError:
             pass
         for p in self._procs:
-            p.join(timeout=5)
+            p.join(timeout=grace_s)
             if p.is_alive():
                 p.kill()
                 p.join(timeout=5)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
+import time
 
 import torch
 
-from executor.config import EngineConfig
+from executor.config import ArgumentError, EngineConfig, ParallelConfig
 from executor.messages import StepInput, StepOutput
 from executor.model_runner import ModelRunner
 
@@ -35,14 +37,26 @@ class Worker:
         return torch.device("cpu")
 
     def load_model(self) -> None:
-        from executor.distributed import init_distributed
-        from executor.loader import load_model
+        """Join the process group, then load this rank's shard of the weights in its
+        turn (--max-parallel-loading-workers bounds how many local ranks load at once)."""
+        from executor.distributed import in_loading_waves, init_distributed
 
         init_distributed(self.config, self.rank, self.dist_init_method)
         # Same seed on every rank: all ranks sample the same tokens in lockstep.
         torch.manual_seed(self.config.model.seed)
+        par = self.config.parallel
+        in_loading_waves(
+            self.load_weights, self.local_rank, par.max_parallel_loading_workers, par.world_size
+        )
+
+    def load_weights(self) -> None:
+        """Build the model and fill this rank's shard of its weights, tensor by tensor."""
+        from executor.loader import load_model
+
+        start = time.monotonic()
         model = load_model(self.config, self.device)
         self.runner = ModelRunner(self.config, model, self.device)
+        logger.info("rank %d loaded its weights in %.2f s", self.rank, time.monotonic() - start)
 
     def _cache_shape(self) -> tuple[int, int, int]:
         from executor.models.registry import kv_cache_shape_info
@@ -116,22 +130,53 @@ class Worker:
         }
 
 
-def _import_class(qualname: str) -> type:
+def import_class(qualname: str, flag: str) -> type:
+    """The class `module.Class` names; ArgumentError naming `flag` if there is none."""
     module, _, name = qualname.rpartition(".")
     if not module:
-        raise ValueError(f"{qualname!r} is not a qualified class name (module.Class)")
-    import importlib
+        raise ArgumentError(flag, qualname, "not a qualified class name (module.Class)")
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except ImportError as error:
+        raise ArgumentError(flag, qualname, f"cannot import {module}: {error}") from None
+    except AttributeError:
+        raise ArgumentError(flag, qualname, f"{module} has no {name}") from None
+    if not isinstance(found, type):
+        raise ArgumentError(flag, qualname, f"{name} is not a class")
+    return found
 
-    return getattr(importlib.import_module(module), name)
+
+def worker_class(par: ParallelConfig) -> type[Worker]:
+    """The worker class (--worker-cls), with --worker-extension-cls mixed in."""
+    cls: type = Worker
+    if par.worker_cls not in ("auto", ""):
+        cls = import_class(par.worker_cls, "--worker-cls")
+        if not issubclass(cls, Worker):
+            raise ArgumentError(
+                "--worker-cls", par.worker_cls, "must subclass executor.worker.Worker"
+            )
+    if par.worker_extension_cls:
+        ext = import_class(par.worker_extension_cls, "--worker-extension-cls")
+        _check_no_overrides(ext, cls, par.worker_extension_cls)
+        cls = type(f"{ext.__name__}{cls.__name__}", (ext, cls), {})
+    return cls
+
+
+def _check_no_overrides(ext: type, cls: type, qualname: str) -> None:
+    # An extension adds methods; one that replaced a worker method would change how the
+    # engine drives the worker without saying so (that is what --worker-cls is for).
+    for name in vars(ext):
+        if not name.startswith("__") and hasattr(cls, name):
+            raise ArgumentError(
+                "--worker-extension-cls",
+                qualname,
+                f"its attribute {name!r} would replace the worker's own (use --worker-cls "
+                "to subclass the worker)",
+            )
 
 
 def make_worker(
     config: EngineConfig, rank: int = 0, local_rank: int = 0, dist_init_method: str | None = None
 ) -> Worker:
-    """The worker class (--worker-cls), with --worker-extension-cls mixed in."""
-    par = config.parallel
-    cls: type = Worker if par.worker_cls in ("auto", "") else _import_class(par.worker_cls)
-    if par.worker_extension_cls:
-        ext = _import_class(par.worker_extension_cls)
-        cls = type(f"{ext.__name__}{cls.__name__}", (ext, cls), {})
-    return cls(config, rank, local_rank, dist_init_method)
+    """A worker of the configured class."""
+    return worker_class(config.parallel)(config, rank, local_rank, dist_init_method)

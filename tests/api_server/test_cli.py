@@ -48,6 +48,10 @@ def test_positional_model_and_server_defaults():
         (["--tool-call-parser", "hermes"], "--tool-call-parser"),
         (["--chat-template", "/no/such/template.jinja"], "--chat-template"),
         (["--port", "70000"], "--port"),
+        (
+            ["--distributed-executor-backend", "external_launcher"],
+            "--distributed-executor-backend=external_launcher",
+        ),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, names, capsys):

@@ -153,6 +153,46 @@ def test_kill_9_reaches_every_waiting_request(model, victim):
     assert_no_children()
 
 
+@pytest.mark.slow
+def test_kill_9_of_rank_1_takes_the_engine_down(model):
+    """TP=2: rank 0 may sit in a collective with the dead rank; the engine core must
+    still fail every request at once and end itself and rank 0."""
+
+    async def run():
+        client = await _start(
+            model,
+            distributed_executor_backend="mp",
+            tensor_parallel_size=2,
+            worker_extension_cls="tests.helpers.worker_classes.ProcessId",
+        )
+        try:
+            rank_pids = await client.collective_rpc("process_id")
+            params = SamplingParams(max_tokens=200, output_kind=RequestOutputKind.DELTA, **GREEDY)
+            tasks = [
+                asyncio.create_task(_collect(client, p, params, f"r{i}"))
+                for i, p in enumerate(prompts(8, seed=4))
+            ]
+            await asyncio.sleep(1.0)
+            assert not any(t.done() for t in tasks), "generation ended before the kill"
+            engine = [psutil.Process(client._core.proc.pid), psutil.Process(rank_pids[0])]
+            os.kill(rank_pids[1], signal.SIGKILL)
+            done, pending = await asyncio.wait(tasks, timeout=5)
+            assert not pending, "requests still waiting 5 s after the kill"
+            for t in done:
+                assert isinstance(t.exception(), EngineDeadError)
+            assert client.errored
+            # the engine ends itself: the core and the surviving rank exit unasked
+            _, alive = await asyncio.to_thread(psutil.wait_procs, engine, 15)
+            assert alive == []
+        finally:
+            ipc = client._core.ipc.path
+            await client.shutdown()
+        assert not os.path.exists(ipc)
+
+    asyncio.run(run())
+    assert_no_children()
+
+
 def test_message_round_trips():
     enc = msgspec.msgpack.Encoder()
     from engine_core.messages import (

@@ -1,0 +1,56 @@
+"""Worker classes for tests of --worker-cls and --worker-extension-cls.
+
+They live in an importable module (not in a test file) because every spawned worker
+process imports them by name.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from executor.worker import Worker
+
+
+class ShardShapes:
+    """--worker-extension-cls: reports the shapes of this rank's parameters."""
+
+    def shard_shapes(self) -> dict[str, list[int]]:
+        runner = self.runner  # type: ignore[attr-defined]
+        return {name: list(p.shape) for name, p in runner.model.named_parameters()}
+
+    def rank_of_worker(self) -> int:
+        return self.rank  # type: ignore[attr-defined]
+
+
+class ReplacesExecute:
+    """--worker-extension-cls that would replace a worker method: refused."""
+
+    def execute(self, step):
+        raise AssertionError("never called")
+
+
+class LoadTimedWorker(Worker):
+    """--worker-cls: records when this rank loaded its weights (monotonic clock, shared
+    by the processes of one machine)."""
+
+    load_span: tuple[float, float] = (0.0, 0.0)
+
+    def load_weights(self) -> None:
+        start = time.monotonic()
+        super().load_weights()
+        self.load_span = (start, time.monotonic())
+
+    def load_interval(self) -> list[float]:
+        return list(self.load_span)
+
+
+class NotAWorker:
+    """--worker-cls that does not subclass Worker: refused."""
+
+
+class ProcessId:
+    """--worker-extension-cls: the process id of each rank (to kill one in a test)."""
+
+    def process_id(self) -> int:
+        return os.getpid()
