@@ -29,6 +29,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from floors import copy_bandwidth_gbs  # sibling script
 
 RESULTS: list[dict] = []
 
@@ -39,25 +40,6 @@ def record(section: str, check: str, ok: bool | None, detail: str) -> None:
         f"[{section}] {check}: {'ok' if ok else ('-' if ok is None else 'FAIL')} {detail}",
         flush=True,
     )
-
-
-def copy_bandwidth_gbs() -> float:
-    n = 1 << 30  # 1 GiB
-    a = torch.empty(n, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(10):
-        start.record()
-        b.copy_(a)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    times.sort()
-    return 2 * n / times[len(times) // 2] / 1e9  # read + write
 
 
 def prompts(n: int, seed: int, lo: int = 3, hi: int = 40) -> list[list[int]]:
