@@ -12,6 +12,10 @@ Sections:
 - latency: the Llama-3.1-8B shape with dummy bf16 weights: batch-1 and batch-8 time
   per step, against the floor (weight bytes / measured copy bandwidth).
 - server: `tessera serve` with SmolLM2 answers the official openai client, streaming too.
+- compile: -O3 (torch.compile under CUDA graphs) greedy tokens equal transformers on tiny
+  models; 8B batch-1 time per step at -O0 and -O3.
+- fp8: an FP8 KV cache with --calculate-kv-scales: scales set, graphs captured after the
+  first step, first tokens as with the float32 cache.
 Prints a short table last; JSON goes to $OUT/gpu_check.json when OUT is set.
 """
 
@@ -190,6 +194,65 @@ def section_latency(args) -> None:
         )
 
 
+def section_compile(args) -> None:
+    """-O3 (torch.compile in pieces, under the CUDA graphs): tokens, then 8B batch-1 speed."""
+    from tests.helpers.tiny_models import make_tiny_model
+
+    tmp = Path(tempfile.mkdtemp())
+    for arch in ["llama", "qwen3", "gpt2"]:
+        path = make_tiny_model(tmp / arch, arch)
+        ps = prompts(4, seed=1)
+        want = hf_greedy_cuda(path, ps, 16)
+        got = tessera_greedy(str(path), ps, 16, 512, dtype="float32", compilation_config=3)
+        record("compile", f"{arch} fp32 -O3 graphs", got == want, first_divergence(got, want))
+    bw = copy_bandwidth_gbs()
+    floor_ms = 8.03e9 * 2 / (bw * 1e9) * 1000
+    for level in ("0", "3"):
+        rows = _latency_rows(["--batch-size", "1", "-O", level])
+        for r in rows:
+            record(
+                "compile",
+                f"8B bf16 batch 1 -O{level} ms/step",
+                None,
+                f"{r['ms_per_step']:.2f} ms (floor {floor_ms:.2f} ms, {r['ms_per_step'] / floor_ms:.2f}x)",
+            )
+
+
+def _latency_rows(extra: list[str]) -> list[dict]:
+    cmd = [sys.executable, "bench/latency.py", "--model", "bench/models/llama-3.1-8b",
+           "--load-format", "dummy", "--dtype", "bfloat16", "--skip-tokenizer-init",
+           "--max-model-len", "2048", "--input-len", "32", "--output-len", "128",
+           "--num-iters", "3", "--num-iters-warmup", "1", *extra]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=500)
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    if not rows:
+        record("compile", " ".join(extra), False, out.stderr[-1500:])
+    return rows
+
+
+def section_fp8(args) -> None:
+    """FP8 KV cache with scales calculated on the first step (graphs captured after it)."""
+    from engine_core import LLM, SamplingParams
+    from tests.helpers.tiny_models import make_tiny_model
+
+    path = make_tiny_model(Path(tempfile.mkdtemp()) / "llama", "llama")
+    ps = prompts(4, seed=3)
+    want = tessera_greedy(str(path), ps, 8, 512, dtype="float32")
+    kw = dict(kv_cache_dtype="fp8", calculate_kv_scales=True)
+    llm = LLM(str(path), device="cuda", dtype="float32", max_model_len=512, **kw)
+    try:
+        params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+        got = [o.outputs[0].token_ids for o in llm.generate(ps, params, use_tqdm=False)]
+        scales = llm.collective_rpc("kv_scales")[0]
+        graphs = llm.collective_rpc("has_cuda_graphs")[0]
+    finally:
+        llm.shutdown()
+    first_same = [g[0] for g in got] == [w[0] for w in want]
+    record("fp8", "tiny llama calculated scales", all(k != 1.0 for k, _ in scales), str(scales))
+    record("fp8", "graphs captured after the first step", graphs, "")
+    record("fp8", "first tokens equal fp32 cache", first_same, first_divergence(got, want))
+
+
 def section_server(args) -> None:
     import openai
 
@@ -265,6 +328,8 @@ SECTIONS = {
     "bf16": section_bf16,
     "latency": section_latency,
     "server": section_server,
+    "compile": section_compile,
+    "fp8": section_fp8,
 }
 
 

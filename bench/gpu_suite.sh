@@ -13,7 +13,7 @@
 # $PYTHON picks the interpreter (default: python).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python}
 OUT=${OUT:-/tmp/gpu_suite}
 PORT=${PORT:-8765}

@@ -119,6 +119,10 @@ class Worker:
         assert self.runner is not None
         return [[a.k_scale, a.v_scale] for a in attention_layers(self.runner.model)]
 
+    def has_cuda_graphs(self) -> bool:
+        assert self.runner is not None
+        return self.runner.graphs is not None
+
     def get_timing(self) -> dict[str, float]:
         """Model-forward seconds and steps so far (what bench/overhead.py subtracts)."""
         assert self.runner is not None
