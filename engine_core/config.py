@@ -289,8 +289,15 @@ RULES: dict[str, Rule] = {
     "tensor_parallel_size": _works(
         "one worker process per rank (mp); gloo on the CPU, NCCL on CUDA", check=_positive
     ),
-    "data_parallel_size": _only((1,), "data parallelism is not in this build yet", check=_positive),
-    "enable_expert_parallel": _refused("there are no MoE models in this build"),
+    "data_parallel_size": _works(
+        "one engine-core process (with its own workers and devices) per rank; each request "
+        "goes to the least-loaded core",
+        check=_positive,
+    ),
+    "enable_expert_parallel": _refused(
+        "expert parallelism splits the experts of MoE layers, and no MoE architecture is "
+        "supported in this build yet"
+    ),
     "max_parallel_loading_workers": _refused(
         "batched loading matters with tensor parallelism, not in this build yet",
         check=_positive,
@@ -888,12 +895,8 @@ def resolve_parallel(args: EngineArgs, model: ModelConfig, device: str) -> Paral
         raise ConfigError(
             "distributed_executor_backend", backend, f"uni runs one worker; -tp {tp} needs mp"
         )
-    import torch
-
-    if device == "cuda" and tp > torch.cuda.device_count():
-        raise ConfigError(
-            "tensor_parallel_size", tp, f"only {torch.cuda.device_count()} GPUs are visible"
-        )
+    if device == "cuda":
+        _check_device_count(tp, args.pipeline_parallel_size, args.data_parallel_size)
     hf = model.hf_config
     heads = hf.get("num_attention_heads") or hf.get("n_head") or 0
     if heads % tp:
@@ -906,6 +909,23 @@ def resolve_parallel(args: EngineArgs, model: ModelConfig, device: str) -> Paral
         data_parallel_size=args.data_parallel_size,
         distributed_executor_backend=backend,
         disable_custom_all_reduce=args.disable_custom_all_reduce,
+    )
+
+
+def _check_device_count(tp: int, pp: int, dp: int) -> None:
+    """Each data-parallel rank runs TP x PP workers, each on its own GPU."""
+    import torch
+
+    visible = torch.cuda.device_count()
+    if tp * pp * dp <= visible:
+        return
+    if dp == 1:
+        raise ConfigError("tensor_parallel_size", tp, f"only {visible} GPUs are visible")
+    raise ConfigError(
+        "data_parallel_size",
+        dp,
+        f"{dp} ranks of {tp * pp} GPUs each (-tp {tp} x -pp {pp}) need {tp * pp * dp} GPUs; "
+        f"only {visible} are visible",
     )
 
 

@@ -30,8 +30,9 @@ class Worker:
 
     def _pick_device(self) -> torch.device:
         if self.config.device.device == "cuda":
-            torch.cuda.set_device(self.local_rank)
-            return torch.device("cuda", self.local_rank)
+            index = self.config.parallel.first_device + self.local_rank
+            torch.cuda.set_device(index)
+            return torch.device("cuda", index)
         return torch.device("cpu")
 
     def load_model(self) -> None:
@@ -42,6 +43,11 @@ class Worker:
         # Same seed on every rank: all ranks sample the same tokens in lockstep.
         torch.manual_seed(self.config.model.seed)
         model = load_model(self.config, self.device)
+        dp_rank = self.config.parallel.data_parallel_rank
+        if dp_rank:
+            # After the (dummy) weights, which every engine core must draw alike: the
+            # unseeded sampling of each data-parallel core gets its own random stream.
+            torch.manual_seed(self.config.model.seed + dp_rank)
         self.runner = ModelRunner(self.config, model, self.device)
 
     def _cache_shape(self) -> tuple[int, int, int]:

@@ -419,7 +419,6 @@ REFUSED_VALUES: dict[str, Any] = {
     "qlora_adapter_name_or_path": "q",
     "distributed_executor_backend": "ray",
     "pipeline_parallel_size": 2,
-    "data_parallel_size": 2,
     "enable_expert_parallel": True,
     "max_parallel_loading_workers": 2,
     "ray_workers_use_nsight": True,
