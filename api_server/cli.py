@@ -321,7 +321,7 @@ async def _run_http(
     stop: asyncio.Event,
 ) -> None:
     """Serve HTTP until `stop` is set; then stop accepting and end the open requests."""
-    metrics = ServerMetrics(options.served_names[0])
+    metrics = ServerMetrics(options.served_names[0], client.core_num_blocks)
     client.stats_listeners.append(metrics.on_engine_outputs)
     state = ServerState(client, tokenizer, config, options, metrics)
     runner = web.AppRunner(

@@ -1,7 +1,9 @@
 """Prometheus metrics of the server, with vLLM's metric names under a `tessera:` prefix.
 
 Every app has its own CollectorRegistry (two servers in one process never mix counts).
-Three sources feed it:
+The engine-step figures come twice: as totals over every engine core under the usual
+names, and per core (data-parallel rank) under `tessera:per_engine_*`, labelled
+`engine="0"`, `engine="1"`, ... Three sources feed it:
 
 - the engine's step stats (`SchedulerStats`, on every EngineCoreOutputs, through the
   client's `stats_listeners`, and fresh from the core at each scrape): running and
@@ -31,6 +33,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from engine_core.dp import as_stats, total_stats
 from engine_core.messages import EngineCoreOutputs, SchedulerStats
 from engine_core.processor import child_request_ids
 
@@ -61,13 +64,17 @@ STATS_CALL_TIMEOUT_S = 0.5
 class ServerMetrics:
     """The server's metrics; `render()` gives the Prometheus text of its registry."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, engine_blocks: list[int] | None = None) -> None:
+        """engine_blocks: the KV cache blocks of each engine core (data-parallel rank),
+        which weigh their cache usage in the total."""
         # no `_created` series next to every counter and histogram (as vLLM's server)
         disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=True)
         self.model_name = model_name
+        self.engine_blocks = engine_blocks or [1]
+        self.engine_stats = [SchedulerStats() for _ in self.engine_blocks]
         self._seqs: dict[str, _Seq] = {}  # core request id -> its timing
-        self._last_step_time = 0.0
+        self._last_step_time = [0.0 for _ in self.engine_blocks]  # of each engine core
         # totals for the periodic log line
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -129,18 +136,29 @@ class ServerMetrics:
         self.request_generation_tokens = histogram(
             "request_generation_tokens", "Generated tokens per request.", TOKEN_BUCKETS
         )
+        families = {
+            attr: kind(PREFIX + "per_engine_" + metric, doc, ["model_name", "engine"], registry=reg)
+            for attr, kind, metric, doc in PER_ENGINE
+        }
+        self.engines = [
+            _EngineMetrics(families, name, str(i)) for i in range(len(self.engine_blocks))
+        ]
 
     def success(self, reason: str) -> None:
         self._success.labels(self.model_name, reason).inc()
 
     # ---- engine outputs -----------------------------------------------------------
-    def on_engine_outputs(self, msg: EngineCoreOutputs) -> None:
-        """A stats listener of the engine client: runs on every batch of outputs, so that
-        token timing is the same whether the client streams or not."""
+    def on_engine_outputs(self, msg: EngineCoreOutputs, engine: int = 0) -> None:
+        """A stats listener of the engine client: runs on every batch of outputs of
+        engine core `engine`, so that token timing is the same whether the client
+        streams or not."""
+        ended = sum(1 for o in msg.outputs if o.finished)
+        if ended:
+            self.engines[engine].finished.inc(ended)
         if msg.stats is None:
             return  # an abort or a rejection, not a step: no tokens
         now = time.perf_counter()
-        step_start = self._last_step_time or msg.timestamp
+        step_start = self._last_step_time[engine] or msg.timestamp
         seqs = self._seqs
         new_tokens = 0
         for o in msg.outputs:
@@ -161,31 +179,34 @@ class ServerMetrics:
             seq.tokens += count
         if new_tokens:
             self.generation_tokens.inc(new_tokens)
+            self.engines[engine].generation_tokens.inc(new_tokens)
             self.generation_tokens_total += new_tokens
-        self._last_step_time = msg.timestamp
-        self.on_stats(msg.stats)
+        self._last_step_time[engine] = msg.timestamp
+        self.on_stats(msg.stats, engine)
 
-    def on_stats(self, stats: SchedulerStats) -> None:
-        self.last_stats = stats
-        self.running.set(stats.num_running)
-        self.waiting.set(stats.num_waiting)
-        self.kv_usage.set(stats.kv_cache_usage)
-        # the core hands these out as "since the last report"
-        if stats.prefix_cache_queries:
-            self.prefix_queries.inc(stats.prefix_cache_queries)
-        if stats.prefix_cache_hits:
-            self.prefix_hits.inc(stats.prefix_cache_hits)
-        if stats.num_preempted:
-            self.preemptions.inc(stats.num_preempted)
+    def on_stats(self, stats: SchedulerStats, engine: int = 0) -> None:
+        """The latest step stats of one engine core; the totals follow."""
+        self.engines[engine].on_stats(stats)
+        self.engine_stats[engine] = stats
+        total = total_stats(self.engine_stats, self.engine_blocks)
+        self.last_stats = total
+        self.running.set(total.num_running)
+        self.waiting.set(total.num_waiting)
+        self.kv_usage.set(total.kv_cache_usage)
+        # the core hands these out as "since the last report": this core's share only
+        _inc(self.prefix_queries, stats.prefix_cache_queries)
+        _inc(self.prefix_hits, stats.prefix_cache_hits)
+        _inc(self.preemptions, stats.num_preempted)
 
     async def refresh(self, client: Any) -> None:
-        """Fresh step stats from the core: an idle core sends none by itself, so after
+        """Fresh step stats from every core: an idle core sends none by itself, so after
         the last request leaves, only this brings the gauges back to zero."""
         if client.errored:
             return
         try:
-            raw = await asyncio.wait_for(client.call("get_stats"), STATS_CALL_TIMEOUT_S)
-            self.on_stats(_as_stats(raw))
+            raw = await asyncio.wait_for(client.call_each("get_stats"), STATS_CALL_TIMEOUT_S)
+            for engine, stats in enumerate(raw):
+                self.on_stats(as_stats(stats), engine)
         except (asyncio.TimeoutError, RuntimeError, TypeError, msgspec.ValidationError) as error:
             logger.warning("no fresh engine stats for /metrics: %s", error)
 
@@ -205,12 +226,47 @@ class ServerMetrics:
         return RequestTracker(self, seq_ids)
 
 
-def _as_stats(raw: Any) -> SchedulerStats:
-    """The core's get_stats answer (a dict by field name, or the Struct's array form)."""
-    if isinstance(raw, dict):
-        fields = SchedulerStats.__struct_fields__
-        return SchedulerStats(**{k: v for k, v in raw.items() if k in fields})
-    return msgspec.convert(raw, SchedulerStats)
+def _inc(counter: Any, amount: int) -> None:
+    if amount:
+        counter.inc(amount)
+
+
+# The per-engine families: key, kind, name after `tessera:per_engine_`, doc.
+PER_ENGINE = (
+    ("running", Gauge, "num_requests_running", "Requests in the core's running set."),
+    ("waiting", Gauge, "num_requests_waiting", "Requests waiting in the core."),
+    ("kv_usage", Gauge, "kv_cache_usage_perc", "Fraction of the core's KV cache in use (0-1)."),
+    ("prefix_queries", Counter, "prefix_cache_queries", "Prompt tokens looked up in its cache."),
+    ("prefix_hits", Counter, "prefix_cache_hits", "Prompt tokens found in its prefix cache."),
+    ("preemptions", Counter, "num_preemptions", "Requests the core preempted."),
+    ("generation_tokens", Counter, "generation_tokens", "Tokens the core generated."),
+    ("finished", Counter, "requests_finished", "Sequences the core ended (any reason)."),
+)
+
+
+class _EngineMetrics:
+    """The step figures of one engine core (data-parallel rank), labelled engine=<rank>."""
+
+    def __init__(self, families: dict[str, Any], model_name: str, engine: str) -> None:
+        def series(attr: str) -> Any:
+            return families[attr].labels(model_name, engine)
+
+        self.running = series("running")
+        self.waiting = series("waiting")
+        self.kv_usage = series("kv_usage")
+        self.prefix_queries = series("prefix_queries")
+        self.prefix_hits = series("prefix_hits")
+        self.preemptions = series("preemptions")
+        self.generation_tokens = series("generation_tokens")
+        self.finished = series("finished")
+
+    def on_stats(self, stats: SchedulerStats) -> None:
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.kv_usage.set(stats.kv_cache_usage)
+        _inc(self.prefix_queries, stats.prefix_cache_queries)
+        _inc(self.prefix_hits, stats.prefix_cache_hits)
+        _inc(self.preemptions, stats.num_preempted)
 
 
 class _Seq:

@@ -1,8 +1,9 @@
 """Clients of the engine core: in-process, and over ZMQ to a spawned core process.
 
 Both give the offline `LLM` one interface: add_request, abort, get_outputs, call.
-`CoreProcess` starts the engine-core process and runs the startup handshake; the
-async client of the API server (async_client.py) uses it too.
+`CoreProcess` starts an engine-core process and runs the startup handshake;
+`start_cores` starts one per data-parallel rank (see dp.py). The async client of the
+API server (async_client.py) uses them too.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from typing import Any
 import msgspec
 import zmq
 
+from engine_core.config import ConfigError
 from engine_core.core import EngineCore
 from engine_core.core_proc import CoreAddresses, CoreReady, HandshakeMessage, run_engine_core
+from engine_core.dp import LoadBalancer, combine_results, rank_configs
 from engine_core.messages import (
     AbortRequests,
     ClientMessage,
@@ -63,56 +66,84 @@ def close_live_cores() -> None:
 
 
 class CoreProcess:
-    """A spawned engine-core process, its sockets, and the startup handshake."""
+    """A spawned engine-core process, its sockets, and the startup handshake.
+
+    Starting takes three calls, so that the cores of several data-parallel ranks load
+    their models at the same time (see `start_cores`): the constructor spawns the
+    process, `send_config` answers its hello with the config, `await_ready` waits
+    until its model and KV cache are ready.
+    """
 
     def __init__(self, config: EngineConfig, ctx: zmq.Context) -> None:
+        par = config.parallel
+        self.config = config
+        self.rank = par.data_parallel_rank
+        name = "engine-core" if par.data_parallel_size == 1 else f"engine-core{self.rank}"
+        self.label = (
+            "the engine core"
+            if par.data_parallel_size == 1
+            else f"the engine core of data-parallel rank {self.rank}"
+        )
         self.ipc = IpcDir()
         self.addrs = CoreAddresses(
             self.ipc.address("hs"),
             self.ipc.address("in"),
             self.ipc.address("out"),
-            os.path.join(self.ipc.path, "engine-core.log"),
+            os.path.join(self.ipc.path, f"{name}.log"),
             self.ipc.path,
+            name,
         )
         self.input: Sender[ClientMessage] = Sender(ctx, zmq.PUSH, self.addrs.input, bind=True)
-        self._ctx = ctx
+        self._hs = ctx.socket(zmq.PAIR)
+        self._hs.setsockopt(zmq.LINGER, 0)
+        self._hs.bind(self.addrs.handshake)
+        self._hs_decoder = msgspec.msgpack.Decoder(HandshakeMessage)
+        self.ready: CoreReady | None = None
         level = logging.getLogger().getEffectiveLevel()
-        self.proc = spawn_process(run_engine_core, (self.addrs, level), "tessera-engine-core")
-        _live_cores.add(self)
-        self.ready = self._handshake(config)
-
-    def _handshake(self, config: EngineConfig) -> CoreReady:
-        hs = self._ctx.socket(zmq.PAIR)
-        hs.setsockopt(zmq.LINGER, 0)
-        hs.bind(self.addrs.handshake)
-        dec = msgspec.msgpack.Decoder(HandshakeMessage)
         try:
-            self._wait(hs, "say hello")
-            dec.decode(hs.recv())  # CoreHello
-            hs.send(config.encode())
-            self._wait(hs, "become ready")
-            ready = dec.decode(hs.recv())
-        finally:
-            hs.close(linger=0)
+            self.proc = spawn_process(run_engine_core, (self.addrs, level), f"tessera-{name}")
+        except BaseException:  # no process: nobody else would remove the sockets
+            self.close_handshake()
+            self.input.close()
+            self.ipc.close()
+            raise
+        _live_cores.add(self)
+
+    @property
+    def num_blocks(self) -> int:
+        assert self.ready is not None, "the engine core has not finished its handshake"
+        return self.ready.num_blocks
+
+    def send_config(self) -> None:
+        self._wait("say hello")
+        self._hs_decoder.decode(self._hs.recv())  # CoreHello
+        self._hs.send(self.config.encode())
+
+    def await_ready(self) -> None:
+        self._wait("become ready")
+        ready = self._hs_decoder.decode(self._hs.recv())
+        self.close_handshake()
         if not isinstance(ready, CoreReady) or ready.error is not None:
             err = ready.error if isinstance(ready, CoreReady) else "bad handshake"
-            self.close()
-            raise RuntimeError(f"the engine core failed to start:\n{err}")
-        return ready
+            raise RuntimeError(f"{self.label} failed to start:\n{err}")
+        self.ready = ready
 
-    def _wait(self, sock: zmq.Socket, what: str) -> None:
+    def close_handshake(self) -> None:
+        # Only from the thread that runs the handshake: a ZMQ socket must not be closed
+        # while another thread polls it.
+        self._hs.close(linger=0)
+
+    def _wait(self, what: str) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while not sock.poll(POLL_MS):
+        while not self._hs.poll(POLL_MS):
             if not self.proc.is_alive():
-                self.close()
                 raise RuntimeError(
-                    f"the engine core exited (code {self.proc.exitcode}) before it could "
+                    f"{self.label} exited (code {self.proc.exitcode}) before it could "
                     f"{what}; its last log lines:\n{self.log_tail()}"
                 )
             if time.monotonic() > deadline:
-                self.close()
                 raise TimeoutError(
-                    f"the engine core did not {what} within {READY_TIMEOUT_S:.0f} s "
+                    f"{self.label} did not {what} within {READY_TIMEOUT_S:.0f} s "
                     f"(TESSERA_ENGINE_READY_TIMEOUT_S); its last log lines:\n{self.log_tail()}"
                 )
 
@@ -131,18 +162,49 @@ class CoreProcess:
         return self.proc.is_alive()
 
     def death_reason(self) -> str:
-        return f"the engine core process died (exit code {self.proc.exitcode})"
+        return f"{self.label} process died (exit code {self.proc.exitcode})"
+
+    def terminate(self) -> None:
+        """SIGTERM: the core shuts its workers down and exits (close() waits for it)."""
+        if self.proc.is_alive():
+            self.proc.terminate()
 
     def close(self, timeout: float = 10.0) -> None:
         _live_cores.discard(self)
-        if self.proc.is_alive():
-            self.proc.terminate()  # SIGTERM: the core shuts its workers down
-            self.proc.join(timeout)
+        self.terminate()
+        self.proc.join(timeout)
         if self.proc.is_alive():
             self.proc.kill()
             self.proc.join(5)
         self.input.close()
         self.ipc.close()
+
+
+def start_cores(config: EngineConfig, ctx: zmq.Context) -> list[CoreProcess]:
+    """One engine-core process per data-parallel rank, all ready. They load their
+    models at the same time; if one fails to start, all are stopped."""
+    cores: list[CoreProcess] = []
+    try:
+        for rank_config in rank_configs(config):
+            cores.append(CoreProcess(rank_config, ctx))
+        for core in cores:
+            core.send_config()
+        for core in cores:
+            core.await_ready()
+    except BaseException:
+        for core in cores:
+            core.close_handshake()
+        stop_cores(cores)
+        raise
+    return cores
+
+
+def stop_cores(cores: list[CoreProcess]) -> None:
+    """Signal every core first, so that they shut down side by side, then wait for each."""
+    for core in cores:
+        core.terminate()
+    for core in cores:
+        core.close()
 
 
 class InprocClient:
@@ -176,71 +238,126 @@ class InprocClient:
 
 
 class SyncMPClient:
-    """The engine core in its own process, driven synchronously (offline LLM)."""
+    """The engine cores (one per data-parallel rank) in their own processes, driven
+    synchronously (offline LLM). Each request goes to the least-loaded core; the
+    outputs of all cores come out of one get_outputs()."""
 
     def __init__(self, config: EngineConfig) -> None:
         self._ctx = zmq.Context()
-        self.core = CoreProcess(config, self._ctx)
-        self.num_blocks = self.core.ready.num_blocks
-        self._out = self.core.output_receiver(self._ctx)
+        try:
+            self.cores = start_cores(config, self._ctx)
+        except BaseException:
+            self._ctx.destroy(linger=0)
+            raise
+        self.core_num_blocks = [core.num_blocks for core in self.cores]
+        self.num_blocks = sum(self.core_num_blocks)
+        self._outs = [core.output_receiver(self._ctx) for core in self.cores]
+        self._poller = zmq.Poller()
+        for out in self._outs:
+            self._poller.register(out.sock, zmq.POLLIN)
+        self.balancer = LoadBalancer(len(self.cores))
+        self._inbox: deque[tuple[int, CoreMessage]] = deque()  # received, not handed out
         self._call_ids = itertools.count(1)
         self._dead: str | None = None
         _live_clients.add(self)
 
     def add_request(self, req: EngineCoreRequest) -> None:
-        self._send(req)
+        core = self.balancer.pick()
+        self._send(core, req)
+        self.balancer.assign(core, [req.request_id])
 
     def abort(self, request_ids: list[str]) -> None:
-        self._send(AbortRequests(request_ids))
+        for core, ids in self.balancer.by_core(request_ids).items():
+            self._send(core, AbortRequests(ids))
 
-    def _send(self, msg: ClientMessage) -> None:
+    def _send(self, core: int, msg: ClientMessage) -> None:
         if self._dead is not None:
             raise EngineDeadError(self._dead)
-        self.core.input.send(msg)
+        self.cores[core].input.send(msg)
 
-    def _recv(self) -> CoreMessage:
-        while not self._out.sock.poll(POLL_MS):
-            if not self.core.alive:
-                self._dead = self.core.death_reason()
-                raise EngineDeadError(self._dead)
-        msg = self._out.recv()
+    def _next(self) -> tuple[int, CoreMessage]:
+        """The next message of any core, with its core; EngineDeadError once one died."""
+        while not self._inbox:
+            self._check_alive()
+            ready = dict(self._poller.poll(POLL_MS))
+            # one message from every core that has one: no core waits behind another
+            for core, out in enumerate(self._outs):
+                if out.sock in ready:
+                    self._inbox.append((core, out.recv()))
+        core, msg = self._inbox.popleft()
         if isinstance(msg, EngineDead):
             self._dead = f"the engine died: {msg.reason}"
             raise EngineDeadError(self._dead)
-        return msg
+        return core, msg
+
+    def _check_alive(self) -> None:
+        for core in self.cores:
+            if not core.alive:
+                self._dead = core.death_reason()
+                raise EngineDeadError(self._dead)
 
     def get_outputs(self) -> EngineCoreOutputs:
         while True:
-            msg = self._recv()
+            core, msg = self._next()
             if isinstance(msg, EngineCoreOutputs):
+                self._note(core, msg)
                 return msg
 
-    def call(self, method: str, *args: Any) -> Any:
+    def _note(self, core: int, msg: EngineCoreOutputs) -> None:
+        for o in msg.outputs:
+            if o.finished:
+                self.balancer.finished(o.request_id)
+        if msg.stats is not None:
+            self.balancer.report(core, msg.stats)
+
+    def call_each(self, method: str, *args: Any) -> list[Any]:
+        """A utility call in every engine core; their results in rank order."""
         call_id = next(self._call_ids)
-        self._send(UtilityCall(call_id, method, list(args)))
-        while True:
-            msg = self._recv()
+        for core in range(len(self.cores)):
+            self._send(core, UtilityCall(call_id, method, list(args)))
+        results: dict[int, UtilityResult] = {}
+        held: list[tuple[int, CoreMessage]] = []  # outputs that come meanwhile, kept in order
+        while len(results) < len(self.cores):
+            core, msg = self._next()
             if isinstance(msg, UtilityResult) and msg.call_id == call_id:
-                if msg.error is not None:
-                    raise RuntimeError(f"{method} failed in the engine core: {msg.error}")
-                return msg.result
+                results[core] = msg
+            elif isinstance(msg, EngineCoreOutputs):
+                held.append((core, msg))
+        self._inbox.extendleft(reversed(held))
+        for core, result in sorted(results.items()):
+            if result.error is not None:
+                label = self.cores[core].label
+                raise RuntimeError(f"{method} failed in {label}: {result.error}")
+        return [results[core].result for core in range(len(self.cores))]
+
+    def call(self, method: str, *args: Any) -> Any:
+        return combine_results(method, self.call_each(method, *args), self.core_num_blocks)
 
     def shutdown(self) -> None:
         _live_clients.discard(self)
         if self._ctx.closed:
             return
-        self.core.close()
-        self._out.close()
+        stop_cores(self.cores)
+        for out in self._outs:
+            out.close()
         self._ctx.destroy(linger=0)
 
 
 def make_sync_client(config: EngineConfig) -> InprocClient | SyncMPClient:
-    """Multiprocess unless TESSERA_ENABLE_MULTIPROCESSING=0. Under external_launcher
-    the core always runs in the calling process: that process is the rank torchrun
-    started, and its worker must be there too."""
-    if (
-        os.environ.get("TESSERA_ENABLE_MULTIPROCESSING", "1") == "0"
-        or config.parallel.distributed_executor_backend == "external_launcher"
-    ):
+    """Multiprocess unless TESSERA_ENABLE_MULTIPROCESSING=0 (refused with data parallelism,
+    whose every rank is an engine-core process). Under external_launcher the core always
+    runs in the calling process: that process is the rank torchrun started, and its
+    worker must be there too."""
+    if config.parallel.distributed_executor_backend == "external_launcher":
+        return InprocClient(config)
+    if os.environ.get("TESSERA_ENABLE_MULTIPROCESSING", "1") == "0":
+        dp = config.parallel.data_parallel_size
+        if dp > 1:
+            raise ConfigError(
+                "TESSERA_ENABLE_MULTIPROCESSING",
+                "0",
+                f"--data-parallel-size={dp} runs one engine-core process per rank; "
+                "unset TESSERA_ENABLE_MULTIPROCESSING or use --data-parallel-size=1",
+            )
         return InprocClient(config)
     return SyncMPClient(config)

@@ -318,8 +318,15 @@ RULES: dict[str, Rule] = {
         "per rank; gloo on the CPU, NCCL on CUDA",
         check=_positive,
     ),
-    "data_parallel_size": _only((1,), "data parallelism is not in this build yet", check=_positive),
-    "enable_expert_parallel": _refused("there are no MoE models in this build"),
+    "data_parallel_size": _works(
+        "one engine-core process (with its own workers and devices) per rank; each request "
+        "goes to the least-loaded core",
+        check=_positive,
+    ),
+    "enable_expert_parallel": _refused(
+        "expert parallelism splits the experts of MoE layers, and no MoE architecture is "
+        "supported in this build yet"
+    ),
     "max_parallel_loading_workers": _works(
         "local ranks load in waves of at most N (a barrier between waves); a rank reads "
         "one tensor (safetensors, GGUF) or one file (.bin) at a time and keeps only its shard",
@@ -962,10 +969,8 @@ def resolve_parallel(args: EngineArgs, model: ModelConfig, device: str) -> Paral
         )
     if backend == "external_launcher":
         _check_launcher(args)
-    else:  # torchrun ranks may span nodes: each sees its own GPUs
-        local = local_device_count(device)
-        if backend != "ray" and local is not None and world > local:
-            raise ConfigError("tensor_parallel_size", tp, f"only {local} GPUs are visible")
+    elif backend != "ray" and device == "cuda":  # torchrun and Ray ranks may span nodes
+        _check_device_count(tp, args.pipeline_parallel_size, args.data_parallel_size)
     hf = model.hf_config
     heads = hf.get("num_attention_heads") or hf.get("n_head") or 0
     if heads % tp:
@@ -1041,6 +1046,23 @@ def _check_worker_class(parallel: ParallelConfig) -> None:
         worker_class(parallel)
     except ArgumentError as error:
         raise ConfigError(error.flag, error.value, error.reason) from None
+
+
+def _check_device_count(tp: int, pp: int, dp: int) -> None:
+    """Each data-parallel rank runs TP x PP workers, each on its own GPU."""
+    import torch
+
+    visible = torch.cuda.device_count()
+    if tp * pp * dp <= visible:
+        return
+    if dp == 1:
+        raise ConfigError("tensor_parallel_size", tp, f"only {visible} GPUs are visible")
+    raise ConfigError(
+        "data_parallel_size",
+        dp,
+        f"{dp} ranks of {tp * pp} GPUs each (-tp {tp} x -pp {pp}) need {tp * pp * dp} GPUs; "
+        f"only {visible} are visible",
+    )
 
 
 def resolve_config(args: EngineArgs) -> EngineConfig:

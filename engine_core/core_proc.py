@@ -42,6 +42,7 @@ class CoreAddresses(msgspec.Struct, frozen=True):
     output: str  # core PUSH -> client PULL
     log_file: str  # where this process logs, so the client can quote it on failure
     ipc_root: str  # the client's ipc folder: ours go inside it
+    name: str = "engine-core"  # in log lines; engine-core<rank> with data parallelism
 
 
 class CoreHello(msgspec.Struct, tag=True):
@@ -68,7 +69,7 @@ def run_engine_core(addrs: CoreAddresses, log_level: int) -> None:
     """Entry point of the spawned engine-core process."""
     die_with_parent()
     os.environ[IPC_ROOT_ENV] = addrs.ipc_root
-    _setup_logging(addrs.log_file, log_level)
+    _setup_logging(addrs.log_file, log_level, addrs.name)
     ctx = zmq.Context()
     hs = ctx.socket(zmq.PAIR)
     hs.setsockopt(zmq.LINGER, 1000)
@@ -92,8 +93,8 @@ def run_engine_core(addrs: CoreAddresses, log_level: int) -> None:
         proc.close()
 
 
-def _setup_logging(log_file: str, level: int) -> None:
-    fmt = "%(asctime)s engine-core %(levelname)s %(name)s: %(message)s"
+def _setup_logging(log_file: str, level: int, process_name: str) -> None:
+    fmt = f"%(asctime)s {process_name} %(levelname)s %(name)s: %(message)s"
     handlers: list[logging.Handler] = [logging.StreamHandler(), logging.FileHandler(log_file)]
     logging.basicConfig(level=level, format=fmt, handlers=handlers, force=True)
 

@@ -81,6 +81,9 @@ class ParallelConfig(_Frozen, frozen=True, kw_only=True, forbid_unknown_fields=T
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
+    # Which engine core (data-parallel rank) this config was sent to: its workers use
+    # the devices [rank * world_size, (rank + 1) * world_size).
+    data_parallel_rank: int = 0
     distributed_executor_backend: str = "uni"
     enable_expert_parallel: bool = False
     max_parallel_loading_workers: int | None = None
@@ -92,6 +95,11 @@ class ParallelConfig(_Frozen, frozen=True, kw_only=True, forbid_unknown_fields=T
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def first_device(self) -> int:
+        """The device index of this engine core's rank-0 worker."""
+        return self.data_parallel_rank * self.world_size
 
 
 class SchedulerConfig(_Frozen, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -32,8 +32,9 @@ class Worker:
 
     def _pick_device(self) -> torch.device:
         if self.config.device.device == "cuda":
-            torch.cuda.set_device(self.local_rank)
-            return torch.device("cuda", self.local_rank)
+            index = self.config.parallel.first_device + self.local_rank
+            torch.cuda.set_device(index)
+            return torch.device("cuda", index)
         return torch.device("cpu")
 
     def load_model(self) -> None:
@@ -55,6 +56,11 @@ class Worker:
 
         start = time.monotonic()
         model = load_model(self.config, self.device)
+        dp_rank = self.config.parallel.data_parallel_rank
+        if dp_rank:
+            # After the (dummy) weights, which every engine core must draw alike: the
+            # unseeded sampling of each data-parallel core gets its own random stream.
+            torch.manual_seed(self.config.model.seed + dp_rank)
         self.runner = ModelRunner(self.config, model, self.device)
         logger.info("rank %d loaded its weights in %.2f s", self.rank, time.monotonic() - start)
 

@@ -52,11 +52,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(extra_args: list[str], env: dict[str, str] | None = None) -> Server:
+def launch(extra_args: list[str], env: dict[str, str] | None = None, model: str = MODEL) -> Server:
     """Start the server process; it is not waited for (see wait_ready)."""
     port = free_port()
     log = tempfile.NamedTemporaryFile(prefix="tessera-serve-", suffix=".log", delete=False)
-    cmd = [sys.executable, "-m", "api_server.cli", "serve", MODEL, "--port", str(port)]
+    cmd = [sys.executable, "-m", "api_server.cli", "serve", model, "--port", str(port)]
     cmd += ["--host", "127.0.0.1", "--max-model-len", "1024"] + extra_args
     proc = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}

@@ -429,7 +429,6 @@ REFUSED_VALUES: dict[str, Any] = {
     "hf_token": True,
     "qlora_adapter_name_or_path": "q",
     "pipeline_parallel_size": 2,
-    "data_parallel_size": 2,
     "enable_expert_parallel": True,
     "device": "tpu",
     "num_lookahead_slots": 1,

@@ -134,7 +134,7 @@ def test_kill_9_reaches_every_waiting_request(model, victim):
                 for i, p in enumerate(prompts(8, seed=3))
             ]
             await asyncio.sleep(1.0)
-            core = client._core.proc.pid
+            core = client._cores[0].proc.pid
             target = core if victim == "core" else psutil.Process(core).children()[0].pid
             os.kill(target, signal.SIGKILL)
             t0 = time.monotonic()
@@ -145,7 +145,7 @@ def test_kill_9_reaches_every_waiting_request(model, victim):
                 assert isinstance(t.exception(), EngineDeadError)
             assert client.errored
         finally:
-            ipc = client._core.ipc.path
+            ipc = client._cores[0].ipc.path
             await client.shutdown()
         assert not os.path.exists(ipc)  # socket files of the core and the workers too
 
@@ -269,8 +269,8 @@ def test_malformed_frame_is_dropped_not_fatal(model):
     async def run():
         client = await _start(model, distributed_executor_backend="mp")
         try:
-            client._core.input.send_bytes(b"\xc1 not msgpack")
-            client._core.input.send_bytes(msgspec.msgpack.encode(["Nope", 1]))
+            client._cores[0].input.send_bytes(b"\xc1 not msgpack")
+            client._cores[0].input.send_bytes(msgspec.msgpack.encode(["Nope", 1]))
             params = SamplingParams(
                 max_tokens=3, output_kind=RequestOutputKind.FINAL_ONLY, **GREEDY
             )
