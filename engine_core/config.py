@@ -315,7 +315,8 @@ RULES: dict[str, Rule] = {
     ),
     "tensor_parallel_size": _works(
         "one worker process (mp), Ray actor (ray) or torchrun process (external_launcher) "
-        "per rank; gloo on the CPU, NCCL on CUDA",
+        "per rank; gloo on the CPU, NCCL on CUDA; attention heads that do not divide are "
+        "padded with zero heads",
         check=_positive,
     ),
     "data_parallel_size": _works(
@@ -946,6 +947,29 @@ def _log_accepted_notes(args: EngineArgs) -> None:
 # The one entry point.
 
 
+def _check_tp_split(hf: dict[str, Any], tp: int) -> None:
+    """Refuse a model whose layers cannot split over `tp` ranks; log head padding."""
+    from executor.layers.heads import head_layout  # here: executor.layers imports torch
+
+    heads = hf.get("num_attention_heads") or hf.get("n_head")
+    if heads:
+        kv_heads = hf.get("num_key_value_heads") or heads
+        try:
+            layout = head_layout(int(heads), int(kv_heads), tp)
+        except ValueError as e:
+            raise ConfigError("tensor_parallel_size", tp, str(e)) from None
+        if layout.padded:
+            logger.info("attention heads: %s; the zero heads add no output", layout.describe())
+    # The MLP is split evenly, unpadded: its width must divide.
+    width = hf.get("intermediate_size") or hf.get("ffn_dim") or hf.get("n_inner")
+    if width is None and hf.get("n_embd"):
+        width = 4 * hf["n_embd"]  # GPT-2's default MLP width
+    if width and width % tp:
+        raise ConfigError(
+            "tensor_parallel_size", tp, f"the model's MLP width {width} does not split evenly"
+        )
+
+
 def resolve_parallel(args: EngineArgs, model: ModelConfig, device: str) -> ParallelConfig:
     """The executor backend, and the checks that the model splits over the ranks."""
     tp = args.tensor_parallel_size
@@ -971,12 +995,8 @@ def resolve_parallel(args: EngineArgs, model: ModelConfig, device: str) -> Paral
         _check_launcher(args)
     elif backend != "ray" and device == "cuda":  # torchrun and Ray ranks may span nodes
         _check_device_count(tp, args.pipeline_parallel_size, args.data_parallel_size)
-    hf = model.hf_config
-    heads = hf.get("num_attention_heads") or hf.get("n_head") or 0
-    if heads % tp:
-        raise ConfigError(
-            "tensor_parallel_size", tp, f"the model's {heads} attention heads do not split evenly"
-        )
+    if tp > 1:
+        _check_tp_split(model.hf_config, tp)
     parallel = ParallelConfig(
         tensor_parallel_size=tp,
         pipeline_parallel_size=args.pipeline_parallel_size,

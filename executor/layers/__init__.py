@@ -3,8 +3,10 @@
 from executor.layers.activation import SiluAndMul, get_act_fn
 from executor.layers.attention import Attention
 from executor.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from executor.layers.heads import HeadLayout, head_layout
 from executor.layers.linear import (
     ColumnParallelLinear,
+    HeadRowParallelLinear,
     MergedColumnParallelLinear,
     QKVParallelLinear,
     ReplicatedLinear,
@@ -20,6 +22,8 @@ from executor.layers.rotary import RotaryEmbedding, rope_settings
 __all__ = [
     "Attention",
     "ColumnParallelLinear",
+    "HeadLayout",
+    "HeadRowParallelLinear",
     "LayerNorm",
     "MergedColumnParallelLinear",
     "ParallelLMHead",
@@ -34,6 +38,7 @@ __all__ = [
     "default_weight_loader",
     "get_act_fn",
     "get_tp_group",
+    "head_layout",
     "rope_settings",
     "set_tp_group",
 ]

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from executor.layers.heads import HeadLayout, head_layout
+
 
 @dataclass(frozen=True)
 class TPGroup:
@@ -201,9 +203,10 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 class QKVParallelLinear(ColumnParallelLinear):
     """The q, k and v projections in one column-parallel matmul, with grouped-query heads.
 
-    Query heads split evenly across ranks. With fewer kv heads than ranks, each kv
-    head is replicated on tp_size / num_kv_heads consecutive ranks, so every rank
-    still holds one kv head for its query heads.
+    Heads split over ranks by a `HeadLayout` (executor/layers/heads.py): evenly when
+    they divide, with each kv head replicated when there are fewer kv heads than
+    ranks, and zero heads added when the counts do not divide. Each rank's parameter
+    is [q heads | k heads | v heads] of its own heads, zero rows for zero heads.
     """
 
     def __init__(
@@ -218,16 +221,12 @@ class QKVParallelLinear(ColumnParallelLinear):
     ) -> None:
         group = tp if tp is not None else get_tp_group()
         kv_total = total_num_kv_heads if total_num_kv_heads is not None else total_num_heads
+        self.layout = head_layout(total_num_heads, kv_total, group.size)
         self.head_size = head_size
         self.total_num_heads = total_num_heads
         self.total_num_kv_heads = kv_total
-        self.num_heads = divide(total_num_heads, group.size)
-        if group.size >= kv_total:
-            self.num_kv_heads = 1
-            self.kv_replicas = divide(group.size, kv_total)
-        else:
-            self.num_kv_heads = divide(kv_total, group.size)
-            self.kv_replicas = 1
+        self.num_heads = self.layout.local_heads
+        self.num_kv_heads = self.layout.local_kv_heads
         self.q_size = self.num_heads * head_size
         self.kv_size = self.num_kv_heads * head_size
         out_total = (self.num_heads + 2 * self.num_kv_heads) * group.size * head_size
@@ -243,15 +242,28 @@ class QKVParallelLinear(ColumnParallelLinear):
             for sid, part in zip("qkv", parts, strict=True):
                 self.weight_loader(param, part, sid)
             return
+        offset, sources, total = self._shard(shard_id)
+        dst = param.data.narrow(0, offset, len(sources) * self.head_size)
+        _copy_heads(dst, loaded_weight, sources, total, self.head_size, dim=0)
+
+    def _shard(self, shard_id: Any) -> tuple[int, list[int | None], int]:
+        # (row offset in the parameter, source head of each local head, model's heads)
+        rank = self.tp.rank
         if shard_id == "q":
-            offset, size, src_index = 0, self.q_size, self.tp.rank
-        elif shard_id in ("k", "v"):
+            return 0, self.layout.q_sources(rank), self.total_num_heads
+        if shard_id in ("k", "v"):
             offset = self.q_size if shard_id == "k" else self.q_size + self.kv_size
-            size, src_index = self.kv_size, self.tp.rank // self.kv_replicas
-        else:
-            raise ValueError(f"unknown qkv shard id {shard_id!r}")
-        src = loaded_weight.narrow(0, src_index * size, size)
-        _copy_narrowed(param.data.narrow(0, offset, size), src)
+            return offset, self.layout.kv_sources(rank), self.total_num_kv_heads
+        raise ValueError(f"unknown qkv shard id {shard_id!r}")
+
+    def zero_padded_heads(self) -> None:
+        """Zero the rows of zero heads (after a loader that filled every row)."""
+        for shard_id in "qkv":
+            offset, sources, _ = self._shard(shard_id)
+            for param in (self.weight, self.bias):
+                if param is not None:
+                    dst = param.data.narrow(0, offset, len(sources) * self.head_size)
+                    _zero_heads(dst, sources, self.head_size, dim=0)
 
 
 class RowParallelLinear(LinearBase):
@@ -291,3 +303,72 @@ class RowParallelLinear(LinearBase):
         if self.bias is not None and (self.reduce_results or self.tp.rank == 0):
             y = y + self.bias
         return y
+
+
+class HeadRowParallelLinear(RowParallelLinear):
+    """The attention output projection: a row-parallel layer whose input is heads.
+
+    Its input features are this rank's query heads as `layout` places them, so each
+    rank takes the checkpoint's columns of its own heads, and zero columns for zero
+    heads: a zero head's attention output never reaches the sum.
+    """
+
+    def __init__(
+        self,
+        layout: HeadLayout,
+        head_size: int,
+        out_features: int,
+        bias: bool = True,
+        params_dtype: torch.dtype | None = None,
+        tp: TPGroup | None = None,
+    ) -> None:
+        self.layout = layout
+        self.head_size = head_size
+        in_features = layout.padded_heads * head_size
+        super().__init__(in_features, out_features, bias, True, params_dtype, tp)
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
+    ) -> None:
+        if param.dim() == 1:  # the bias is replicated
+            default_weight_loader(param, loaded_weight)
+            return
+        sources = self.layout.q_sources(self.tp.rank)
+        total = self.layout.num_heads
+        _copy_heads(param.data, loaded_weight, sources, total, self.head_size, dim=1)
+
+    def zero_padded_heads(self) -> None:
+        """Zero the columns of zero heads (after a loader that filled every column)."""
+        sources = self.layout.q_sources(self.tp.rank)
+        _zero_heads(self.weight.data, sources, self.head_size, dim=1)
+
+
+def _copy_heads(
+    dst: torch.Tensor,
+    src: torch.Tensor,
+    sources: list[int | None],
+    total_heads: int,
+    head_size: int,
+    dim: int,
+) -> None:
+    """dst's head i (head_size rows/columns along dim) <- src's head sources[i]; None: 0.
+
+    src holds the checkpoint's total_heads heads along dim (weight or 1-D bias).
+    """
+    if src.shape[dim] != total_heads * head_size:
+        raise ValueError(
+            f"shape mismatch: checkpoint {tuple(src.shape)} has no {total_heads} heads of "
+            f"{head_size} along dim {dim}"
+        )
+    for i, source in enumerate(sources):
+        block = dst.narrow(dim, i * head_size, head_size)
+        if source is None:
+            block.zero_()
+        else:
+            _copy_narrowed(block, src.narrow(dim, source * head_size, head_size))
+
+
+def _zero_heads(dst: torch.Tensor, sources: list[int | None], head_size: int, dim: int) -> None:
+    for i, source in enumerate(sources):
+        if source is None:
+            dst.narrow(dim, i * head_size, head_size).zero_()

@@ -3,7 +3,8 @@
 Values are drawn on the parameter's own device (fast for huge shapes on a GPU), from
 one generator seeded with the model seed, so the same seed gives the same model.
 Norm weights are 1 and norm biases 0; everything else is N(0, 0.02), small enough
-that activations stay finite in bfloat16.
+that activations stay finite in bfloat16, except the zero heads of tensor-parallel
+head padding, which stay 0.
 """
 
 from __future__ import annotations
@@ -37,3 +38,9 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
         if gen is None:
             gen = generators[param.device] = torch.Generator(param.device).manual_seed(seed)
         param.normal_(0.0, DUMMY_STD, generator=gen)
+    # Zero heads (tensor-parallel head padding) stay zero, as a checkpoint load leaves
+    # them, so padding never changes what the model computes.
+    for module in model.modules():
+        zero = getattr(module, "zero_padded_heads", None)
+        if zero is not None:
+            zero()

@@ -16,7 +16,12 @@ from torch import nn
 from executor.layers.activation import get_act_fn
 from executor.layers.attention import Attention
 from executor.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from executor.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from executor.layers.linear import (
+    ColumnParallelLinear,
+    HeadRowParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
 from executor.layers.norm import LayerNorm
 from executor.models.registry import CausalLM, load_named_weights
 
@@ -35,7 +40,7 @@ class GPT2Attention(nn.Module):
         hidden, heads = cfg["n_embd"], cfg["n_head"]
         head_dim = hidden // heads
         self.c_attn = QKVParallelLinear(hidden, head_dim, heads, heads, True, dtype)
-        self.c_proj = RowParallelLinear(hidden, hidden, True, True, dtype)
+        self.c_proj = HeadRowParallelLinear(self.c_attn.layout, head_dim, hidden, True, dtype)
         self.q_size = self.c_attn.q_size
         scale = head_dim**-0.5 if cfg.get("scale_attn_weights", True) else 1.0
         if cfg.get("scale_attn_by_inverse_layer_idx", False):

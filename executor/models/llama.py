@@ -18,6 +18,7 @@ from executor.layers.activation import SiluAndMul
 from executor.layers.attention import Attention
 from executor.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from executor.layers.linear import (
+    HeadRowParallelLinear,
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
@@ -88,8 +89,8 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = QKVParallelLinear(
             hidden, self.head_dim, total_heads, total_kv_heads, spec.qkv_bias, dtype
         )
-        self.o_proj = RowParallelLinear(
-            total_heads * self.head_dim, hidden, spec.o_bias, True, dtype
+        self.o_proj = HeadRowParallelLinear(
+            self.qkv_proj.layout, self.head_dim, hidden, spec.o_bias, dtype
         )
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         self.q_norm: RMSNorm | None = None

@@ -19,6 +19,7 @@ from executor.layers.attention import Attention
 from executor.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from executor.layers.linear import (
     ColumnParallelLinear,
+    HeadRowParallelLinear,
     QKVParallelLinear,
     ReplicatedLinear,
     RowParallelLinear,
@@ -47,7 +48,7 @@ class OPTAttention(nn.Module):
         head_dim = hidden // heads
         bias = cfg.get("enable_bias", True)
         self.qkv_proj = QKVParallelLinear(hidden, head_dim, heads, heads, bias, dtype)
-        self.out_proj = RowParallelLinear(hidden, hidden, bias, True, dtype)
+        self.out_proj = HeadRowParallelLinear(self.qkv_proj.layout, head_dim, hidden, bias, dtype)
         self.q_size = self.qkv_proj.q_size
         self.attn = Attention(
             self.qkv_proj.num_heads, head_dim, head_dim**-0.5, self.qkv_proj.num_kv_heads, layer_idx

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from executor.layers.heads import head_layout
 from executor.layers.linear import default_weight_loader
 
 # architecture name (HF config "architectures") -> (module, class)
@@ -96,8 +97,8 @@ def architecture_of(hf_config: dict[str, Any]) -> str:
 def kv_cache_shape_info(hf_config: dict[str, Any], tp_size: int = 1) -> tuple[int, int, int]:
     """(num_layers, num_kv_heads on one rank, head_dim) for sizing the KV cache.
 
-    With fewer kv heads than ranks each rank holds one (replicated) kv head, as
-    QKVParallelLinear does.
+    The rank's kv heads are those QKVParallelLinear holds: its share of the
+    HeadLayout, replicated or zero-padded heads included.
     """
     cfg = hf_config
     num_layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
@@ -107,7 +108,8 @@ def kv_cache_shape_info(hf_config: dict[str, Any], tp_size: int = 1) -> tuple[in
         raise ValueError("HF config lacks num_hidden_layers / num_attention_heads / hidden_size")
     num_kv_heads = cfg.get("num_key_value_heads") or num_heads
     head_dim = cfg.get("head_dim") or hidden // num_heads
-    return int(num_layers), max(1, int(num_kv_heads) // tp_size), int(head_dim)
+    layout = head_layout(int(num_heads), int(num_kv_heads), tp_size)
+    return int(num_layers), layout.local_kv_heads, int(head_dim)
 
 
 def load_named_weights(

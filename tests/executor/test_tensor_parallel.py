@@ -1,4 +1,4 @@
-"""Tensor parallelism on the CPU (gloo): TP=2 gives the greedy tokens of TP=1."""
+"""Tensor parallelism on the CPU (gloo): TP=2 and 4 give the greedy tokens of TP=1,\nalso where the attention heads do not divide and zero heads pad them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from engine_core import LLM, SamplingParams
 from engine_core.args import EngineArgs
 from engine_core.config import ConfigError, resolve_config
-from tests.helpers.tiny_models import make_tiny_model
+from tests.helpers.tiny_models import make_tiny_model, smollm2_gguf_path
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -19,12 +19,20 @@ def prompts(n: int, seed: int) -> list[list[int]]:
     return [[rng.randint(10, 5000) for _ in range(rng.randint(3, 30))] for _ in range(n)]
 
 
-def greedy(path: str, tp: int, ps, monkeypatch) -> list[list[int]]:
+def greedy(path: str, tp: int, ps, monkeypatch, max_tokens: int = 12, **engine_args):
     monkeypatch.setenv("TESSERA_ENABLE_MULTIPROCESSING", "0")  # the core here, workers apart
+    if tp > 1:
+        # The ranks share the test machine's few cores: torch's default of a thread per
+        # core in every worker oversubscribes them (TP=4 decodes ~10x slower).
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
     with LLM(
-        path, max_model_len=256, tensor_parallel_size=tp, distributed_executor_backend="mp"
+        path,
+        max_model_len=256,
+        tensor_parallel_size=tp,
+        distributed_executor_backend="mp",
+        **engine_args,
     ) as llm:
-        outs = llm.generate(ps, SamplingParams(max_tokens=12, **GREEDY), use_tqdm=False)
+        outs = llm.generate(ps, SamplingParams(max_tokens=max_tokens, **GREEDY), use_tqdm=False)
         if tp > 1:
             shapes = llm.collective_rpc("kv_cache_dtype_name")
             assert len(shapes) == tp  # one answer per rank
@@ -39,10 +47,50 @@ def test_tp2_equals_tp1(arch, tmp_path, monkeypatch):
     assert greedy(path, 2, ps, monkeypatch) == greedy(path, 1, ps, monkeypatch)
 
 
-def test_tp_must_split_the_heads(tmp_path):
-    path = str(make_tiny_model(tmp_path / "llama", "llama"))  # 4 heads
-    with pytest.raises(ConfigError, match="tensor-parallel-size=3"):
+# Head counts no TP size here divides: zero heads pad them (executor/layers/heads.py).
+GQA_6_3 = dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=3)
+PADDED = {
+    "llama": GQA_6_3,
+    "qwen2": GQA_6_3,  # q/k/v biases: the zero heads' bias rows are zero too
+    "qwen3": GQA_6_3,  # q/k norms map the zero heads' q and k to zero
+    "gpt2": dict(n_embd=96, n_head=3),  # one merged c_attn tensor, Conv1D c_proj
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("arch", "tp"), [("llama", 2), ("llama", 4), ("qwen2", 4), ("qwen3", 2), ("gpt2", 2)]
+)
+def test_padded_heads_equal_tp1(arch, tp, tmp_path, monkeypatch):
+    path = str(make_tiny_model(tmp_path / arch, arch, **PADDED[arch]))
+    ps = prompts(3, seed=5)
+    assert greedy(path, tp, ps, monkeypatch) == greedy(path, 1, ps, monkeypatch)
+
+
+SMOLLM2_PROMPTS = ["The capital of France is", "def add(a, b):"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_tp1() -> list[list[int]]:
+    with pytest.MonkeyPatch.context() as mp:
+        return greedy(str(smollm2_gguf_path()), 1, SMOLLM2_PROMPTS, mp, 16, dtype="float32")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [2, 4])
+def test_smollm2_gguf_equals_tp1(tp, smollm2_tp1, monkeypatch):
+    # SmolLM2-135M: 9 query / 3 kv heads, padded to 12 / 4 at both TP sizes
+    path = str(smollm2_gguf_path())
+    assert greedy(path, tp, SMOLLM2_PROMPTS, monkeypatch, 16, dtype="float32") == smollm2_tp1
+
+
+def test_tp_refusals_name_the_argument(tmp_path):
+    path = str(make_tiny_model(tmp_path / "llama", "llama"))  # MLP width 128
+    with pytest.raises(ConfigError, match="tensor-parallel-size=3: .*MLP width 128"):
         resolve_config(EngineArgs(model=path, tensor_parallel_size=3))
+    odd = str(make_tiny_model(tmp_path / "odd", "llama", num_key_value_heads=3, head_dim=16))
+    with pytest.raises(ConfigError, match="tensor-parallel-size=2: 4 query heads do not group"):
+        resolve_config(EngineArgs(model=odd, tensor_parallel_size=2))
     with pytest.raises(ConfigError, match="distributed-executor-backend=uni"):
         resolve_config(
             EngineArgs(model=path, tensor_parallel_size=2, distributed_executor_backend="uni")
