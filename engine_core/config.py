@@ -283,8 +283,10 @@ RULES: dict[str, Rule] = {
     "distributed_executor_backend": _only(
         ("uni", "mp"), "the ray and external_launcher executors are not in this build yet"
     ),
-    "pipeline_parallel_size": _only(
-        (1,), "pipeline parallelism is not in this build yet", check=_positive
+    "pipeline_parallel_size": _works(
+        "contiguous runs of layers per stage, one worker process per rank (mp); up to PP "
+        "micro-batches in flight; no CUDA graphs with PP > 1",
+        check=_positive,
     ),
     "tensor_parallel_size": _works(
         "one worker process per rank (mp); gloo on the CPU, NCCL on CUDA", check=_positive
@@ -881,24 +883,31 @@ def _log_accepted_notes(args: EngineArgs) -> None:
 
 def resolve_parallel(args: EngineArgs, model: ModelConfig, device: str) -> ParallelConfig:
     """The executor backend, and the checks that the model splits over the ranks."""
-    tp = args.tensor_parallel_size
+    tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
     # mp whenever TP x PP fits the local devices: the worker is its own process
     backend = args.distributed_executor_backend or "mp"
-    if tp > 1 and backend == "uni":
+    if tp * pp > 1 and backend == "uni":
+        wants = f"-tp {tp}" if pp == 1 else f"--pipeline-parallel-size {pp}"
         raise ConfigError(
-            "distributed_executor_backend", backend, f"uni runs one worker; -tp {tp} needs mp"
+            "distributed_executor_backend", backend, f"uni runs one worker; {wants} needs mp"
         )
     import torch
 
-    if device == "cuda" and tp > torch.cuda.device_count():
+    if device == "cuda" and tp * pp > torch.cuda.device_count():
+        name, value = ("tensor_parallel_size", tp) if pp == 1 else ("pipeline_parallel_size", pp)
         raise ConfigError(
-            "tensor_parallel_size", tp, f"only {torch.cuda.device_count()} GPUs are visible"
+            name, value, f"TP x PP = {tp * pp} ranks, only {torch.cuda.device_count()} GPUs visible"
         )
     hf = model.hf_config
     heads = hf.get("num_attention_heads") or hf.get("n_head") or 0
     if heads % tp:
         raise ConfigError(
             "tensor_parallel_size", tp, f"the model's {heads} attention heads do not split evenly"
+        )
+    layers = hf.get("num_hidden_layers") or hf.get("n_layer") or 0
+    if pp > layers:
+        raise ConfigError(
+            "pipeline_parallel_size", pp, f"the model has {layers} layers, fewer than the stages"
         )
     return ParallelConfig(
         tensor_parallel_size=tp,

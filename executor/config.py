@@ -79,6 +79,11 @@ class ParallelConfig(_Frozen, frozen=True, kw_only=True, forbid_unknown_fields=T
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
+    @property
+    def output_rank(self) -> int:
+        """The rank that answers steps: the first rank of the last pipeline stage."""
+        return (self.pipeline_parallel_size - 1) * self.tensor_parallel_size
+
 
 class SchedulerConfig(_Frozen, frozen=True, kw_only=True, forbid_unknown_fields=True):
     max_num_batched_tokens: int = 8192

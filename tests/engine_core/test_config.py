@@ -418,7 +418,6 @@ REFUSED_VALUES: dict[str, Any] = {
     "hf_token": True,
     "qlora_adapter_name_or_path": "q",
     "distributed_executor_backend": "ray",
-    "pipeline_parallel_size": 2,
     "data_parallel_size": 2,
     "enable_expert_parallel": True,
     "max_parallel_loading_workers": 2,
@@ -516,6 +515,7 @@ def test_config_error_is_a_value_error() -> None:
         ("long_prefill_token_threshold", -1),
         ("rope_theta", 0.0),
         ("tensor_parallel_size", 0),
+        ("pipeline_parallel_size", 0),
         ("compilation_config", 7),
         ("served_model_name", []),
         # Python callers bypass argparse: types and choices are checked here too.
