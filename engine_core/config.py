@@ -310,8 +310,10 @@ RULES: dict[str, Rule] = {
     "distributed_executor_backend": _works(
         "default: mp while TP x PP fits the local GPUs, else ray when installed"
     ),
-    "pipeline_parallel_size": _only(
-        (1,), "pipeline parallelism is not in this build yet", check=_positive
+    "pipeline_parallel_size": _works(
+        "contiguous runs of layers per stage, one worker process per rank (mp); up to PP "
+        "micro-batches in flight; no CUDA graphs with PP > 1",
+        check=_positive,
     ),
     "tensor_parallel_size": _works(
         "one worker process (mp), Ray actor (ray) or torchrun process (external_launcher) "
@@ -893,6 +895,17 @@ def resolve_compilation(value: Any) -> CompilationConfig:
     )
 
 
+def _check_compile_with_stages(args: EngineArgs) -> None:
+    level = resolve_compilation(args.compilation_config).level
+    if level > 0 and args.pipeline_parallel_size > 1:
+        raise ConfigError(
+            "compilation_config",
+            level,
+            "torch.compile of a pipeline stage (a forward that takes the previous stage's "
+            "hidden states) is not verified yet; use -O 0 with --pipeline-parallel-size > 1",
+        )
+
+
 def _check_kv_scales(args: EngineArgs) -> None:
     if args.calculate_kv_scales and not args.kv_cache_dtype.startswith("fp8"):
         raise ConfigError(
@@ -972,14 +985,15 @@ def _check_tp_split(hf: dict[str, Any], tp: int) -> None:
 
 def resolve_parallel(args: EngineArgs, model: ModelConfig, device: str) -> ParallelConfig:
     """The executor backend, and the checks that the model splits over the ranks."""
-    tp = args.tensor_parallel_size
-    world = tp * args.pipeline_parallel_size
+    tp, pp = args.tensor_parallel_size, args.pipeline_parallel_size
+    world = tp * pp
     backend = args.distributed_executor_backend or auto_backend(tp, world, device)
-    if tp > 1 and backend == "uni":
+    if world > 1 and backend == "uni":
+        wants = f"-tp {tp}" if pp == 1 else f"--pipeline-parallel-size {pp}"
         raise ConfigError(
             "distributed_executor_backend",
             backend,
-            f"uni runs one worker; -tp {tp} needs mp or ray",
+            f"uni runs one worker; {wants} needs mp or ray",
         )
     if backend == "ray" and not ray_installed():
         raise ConfigError(
@@ -997,6 +1011,12 @@ def resolve_parallel(args: EngineArgs, model: ModelConfig, device: str) -> Paral
         _check_device_count(tp, args.pipeline_parallel_size, args.data_parallel_size)
     if tp > 1:
         _check_tp_split(model.hf_config, tp)
+    hf = model.hf_config
+    layers = hf.get("num_hidden_layers") or hf.get("n_layer") or 0
+    if pp > layers:
+        raise ConfigError(
+            "pipeline_parallel_size", pp, f"the model has {layers} layers, fewer than the stages"
+        )
     parallel = ParallelConfig(
         tensor_parallel_size=tp,
         pipeline_parallel_size=args.pipeline_parallel_size,
@@ -1049,6 +1069,13 @@ def _check_launcher(args: EngineArgs) -> None:
         check_world_size(world, args.tensor_parallel_size, args.pipeline_parallel_size)
     except ArgumentError as error:
         raise ConfigError(error.flag, error.value, error.reason) from None
+    if args.pipeline_parallel_size > 1:
+        raise ConfigError(
+            "pipeline_parallel_size",
+            args.pipeline_parallel_size,
+            "every external_launcher rank schedules from its own step outputs, and with "
+            "pipeline stages only the last stage has them",
+        )
     if args.scheduler_delay_factor > 0:
         raise ConfigError(
             "scheduler_delay_factor",
@@ -1097,6 +1124,7 @@ def resolve_config(args: EngineArgs) -> EngineConfig:
     files = find_model(args.model, "--model", args.download_dir)
     load_format, quantization = _check_formats(args, files)
     _check_kv_scales(args)
+    _check_compile_with_stages(args)
     model = resolve_model_config(args, files, device, quantization)
     block_size = resolve_block_size(args.block_size, device)
     return EngineConfig(

@@ -2,12 +2,19 @@
 
 `EngineCore.step()` is the whole engine step: schedule, execute, update. The busy
 loop that runs it in its own process (with IO threads) wraps this class.
+
+With pipeline parallelism (PP > 1) a step keeps the stages busy instead: it submits
+micro-batches (each from requests not already in flight) until PP are in flight or
+nothing more can be scheduled, then waits for the oldest, updates the scheduler with
+it and returns its outputs. The next step refills the pipeline from the requests
+that came back. Outputs come back in submission order (see executor/mp.py).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from typing import Any
 
 from engine_core.kv_cache.manager import KVCacheManager
@@ -22,6 +29,7 @@ from engine_core.request import Request
 from engine_core.scheduler.scheduler import Scheduler
 from executor.base import Executor, make_executor
 from executor.config import EngineConfig
+from executor.messages import StepInput, StepOutput
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +49,9 @@ class EngineCore:
             cache.prefix_caching_hash_algo,
             config.model.max_model_len,
         )
-        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.pipeline_depth = config.parallel.pipeline_parallel_size
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.pipeline_depth)
+        self.in_flight: deque[StepInput] = deque()  # submitted, not yet collected (PP > 1)
         logger.info(
             "engine ready in %.1f s: %d KV blocks of %d tokens",
             time.monotonic() - t0,
@@ -90,17 +100,40 @@ class EngineCore:
         return self.scheduler.abort_requests(request_ids)
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self.in_flight)
 
     # ---- the step -----------------------------------------------------------------
     def step(self) -> EngineCoreOutputs:
+        if self.pipeline_depth > 1:
+            return self._pipelined_step()
         step_input = self.scheduler.schedule()
         if not step_input.num_scheduled_tokens:
             return EngineCoreOutputs([], self.scheduler.stats(), time.time())
         step_output = self.executor.execute(step_input)
+        return self._update(step_input, step_output)
+
+    def _pipelined_step(self) -> EngineCoreOutputs:
+        while len(self.in_flight) < self.pipeline_depth:
+            step_input = self.scheduler.schedule()
+            if not step_input.num_scheduled_tokens:
+                break  # everything schedulable is in flight already
+            self.executor.submit(step_input)
+            self.in_flight.append(step_input)
+        if not self.in_flight:
+            return EngineCoreOutputs([], self.scheduler.stats(), time.time())
+        step_output = self.executor.collect()
+        step_input = self.in_flight.popleft()
+        if step_output.error is None and step_output.step_id != step_input.step_id:
+            raise RuntimeError(
+                f"step {step_output.step_id} came back while step {step_input.step_id} "
+                "was the oldest in flight"
+            )
+        return self._update(step_input, step_output)
+
+    def _update(self, step_input: StepInput, step_output: StepOutput) -> EngineCoreOutputs:
         if step_output.error is not None:
             raise RuntimeError(
-                f"step {step_input.step_id} failed on a worker "
+                f"step {step_output.step_id} failed on a worker "
                 f"(requests {list(step_input.num_scheduled_tokens)}): {step_output.error}"
             )
         outputs = self.scheduler.update(step_input, step_output)

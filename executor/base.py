@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import deque
 from typing import Any
 
 from executor.config import EngineConfig
@@ -12,6 +13,7 @@ from executor.messages import StepInput, StepOutput
 class Executor(ABC):
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        self._done: deque[StepOutput] = deque()  # outputs of submitted steps, oldest first
 
     @abstractmethod
     def initialize(self) -> int:
@@ -22,6 +24,18 @@ class Executor(ABC):
 
     @abstractmethod
     def execute(self, step: StepInput) -> StepOutput: ...
+
+    def submit(self, step: StepInput) -> None:
+        """Start a step without waiting for it; collect() returns outputs in submission order.
+
+        This default runs the step at once (one worker in this process cannot overlap
+        steps); the mp executor only sends it, so pipeline stages work on several.
+        """
+        self._done.append(self.execute(step))
+
+    def collect(self) -> StepOutput:
+        """The output of the oldest submitted step not collected yet (waits for it)."""
+        return self._done.popleft()
 
     @abstractmethod
     def collective_rpc(self, method: str, args: tuple = ()) -> list[Any]:

@@ -101,6 +101,11 @@ class ParallelConfig(_Frozen, frozen=True, kw_only=True, forbid_unknown_fields=T
         """The device index of this engine core's rank-0 worker."""
         return self.data_parallel_rank * self.world_size
 
+    @property
+    def output_rank(self) -> int:
+        """The rank that answers steps: the first rank of the last pipeline stage."""
+        return (self.pipeline_parallel_size - 1) * self.tensor_parallel_size
+
 
 class SchedulerConfig(_Frozen, frozen=True, kw_only=True, forbid_unknown_fields=True):
     max_num_batched_tokens: int = 8192

@@ -1,8 +1,10 @@
 """Process groups of the workers: torch.distributed (NCCL on CUDA, gloo on the CPU).
 
-Every worker of an engine joins one group of world size TP (x PP); the layers read
-their tensor-parallel rank and size from `executor.layers.linear.get_tp_group()`,
-which `init_distributed` installs before the model is built.
+Every worker of an engine joins one group of world size TP x PP, ranks laid out
+stage by stage (rank = stage * TP + tp_rank). Each stage's TP ranks form their own
+group; the layers read their tensor-parallel rank and size from
+`executor.layers.linear.get_tp_group()` and models their pipeline stage from
+`executor.pipeline.get_pp_group()`, both installed here before the model is built.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from executor.config import EngineConfig
+from executor.config import EngineConfig, ParallelConfig
 from executor.layers.linear import TPGroup, set_tp_group
+from executor.pipeline import PPGroup, set_pp_group
 
 logger = logging.getLogger(__name__)
 
@@ -26,14 +29,13 @@ def init_distributed(config: EngineConfig, rank: int, init_method: str | None) -
     world = par.world_size
     if world == 1:
         return
-    if par.pipeline_parallel_size != 1:
-        raise ValueError("pipeline parallelism is not in this build yet")
     if init_method is None:
         raise ValueError("a multi-worker engine needs an init method for torch.distributed")
     backend = "nccl" if config.device.device == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
-    set_tp_group(TPGroup(rank, par.tensor_parallel_size, dist.group.WORLD))
+    set_tp_group(_tp_group(par, rank))
+    set_pp_group(pp_group_of(par, rank))
     logger.info("rank %d of %d joined the %s group", rank, world, backend)
 
 
@@ -66,10 +68,34 @@ def min_over_ranks(value: int, device: torch.device) -> int:
     return int(x.item())
 
 
+def _tp_group(par: ParallelConfig, rank: int) -> TPGroup:
+    tp, pp = par.tensor_parallel_size, par.pipeline_parallel_size
+    if tp == 1:
+        return TPGroup()
+    if pp == 1:
+        return TPGroup(rank, tp, dist.group.WORLD)
+    # new_group is collective: every rank creates every stage's group, in the same order
+    groups = [dist.new_group(list(range(s * tp, (s + 1) * tp))) for s in range(pp)]
+    return TPGroup(rank % tp, tp, groups[rank // tp])
+
+
+def pp_group_of(par: ParallelConfig, rank: int) -> PPGroup:
+    """Rank `rank`'s stage, and its neighbours: the same tp_rank one stage away."""
+    tp, pp = par.tensor_parallel_size, par.pipeline_parallel_size
+    stage = rank // tp
+    return PPGroup(
+        stage,
+        pp,
+        rank - tp if stage > 0 else None,
+        rank + tp if stage < pp - 1 else None,
+    )
+
+
 def destroy_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
     set_tp_group(TPGroup())
+    set_pp_group(PPGroup())
 
 
 def check_same_on_all_ranks(x: torch.Tensor) -> bool:

@@ -53,6 +53,9 @@ class RunningRequest(_Msg):
     num_computed_tokens: int
     # After preemption a request's block table is replaced, not extended.
     resumed: bool = False
+    # Pipeline parallelism only: the tokens sampled since the workers last heard of this
+    # request. The last stage samples but keeps nothing; every stage appends these.
+    new_token_ids: list[int] = []
 
 
 class StepInput(_Msg, tag=True):
@@ -130,5 +133,5 @@ class WorkerShutdown(_Msg, tag=True):
 
 # What the engine core broadcasts to every worker.
 ToWorker = StepInput | WorkerRpc | WorkerShutdown
-# What workers send back (steps only from the driver rank).
+# What workers send back (steps only from the output rank: ParallelConfig.output_rank).
 FromWorker = StepOutput | WorkerHello | WorkerReady | WorkerRpcResult

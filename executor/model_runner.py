@@ -5,6 +5,13 @@ tokens, block table and sampling state, turns a `StepInput` into flat input tens
 (all tokens of all sequences in one row, no padding), runs the model inside a
 forward context carrying the attention metadata and the KV caches, and samples one
 token for every sequence whose known tokens are all computed after the step.
+
+With pipeline parallelism every stage keeps the same request state; a stage after
+the first receives the previous stage's intermediate tensors instead of embedding
+the tokens, one before the last sends its own on, and only the last samples. No
+stage keeps its own samples then: the engine core sends them back with the next
+step that schedules the request (`RunningRequest.new_token_ids`), so every stage
+holds the same tokens.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from executor.forward_context import AttentionMetadata, ForwardContext, forward_
 from executor.loader import torch_dtype
 from executor.loader.kv_scales import attention_layers
 from executor.messages import Logprobs, NewRequest, SamplingOptions, StepInput, StepOutput
+from executor.pipeline import get_pp_group
 from executor.sampler import Sampler, SamplingBatch, compute_prompt_logprobs
 
 
@@ -63,6 +71,7 @@ class ModelRunner:
         self.requests: dict[str, RequestState] = {}
         self.kv_caches: list[torch.Tensor] = []
         self.sampler = Sampler()
+        self.pp = get_pp_group()
         self.graphs: DecodeGraphs | None = None
         # seconds spent in model forwards and steps executed, for bench/overhead.py
         self.forward_time_s = 0.0
@@ -75,10 +84,14 @@ class ModelRunner:
 
     # ---- KV cache ----------------------------------------------------------------
     def allocate_kv_cache(self, num_blocks: int, num_layers: int, num_kv_heads: int, head_dim: int):
+        """A cache for each layer of this stage; the list is indexed by global layer number
+        (attention layers read theirs by it), so other stages' layers hold an empty tensor."""
         dtype = self.kv_cache_dtype()
         shape = (2, num_blocks, self.block_size, num_kv_heads, head_dim)
+        start, end = self.model.start_layer, self.model.end_layer
         self.kv_caches = [
-            torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)
+            torch.zeros(shape if start <= i < end else (0,), dtype=dtype, device=self.device)
+            for i in range(num_layers)
         ]
 
     def kv_cache_dtype(self) -> torch.dtype:
@@ -123,6 +136,7 @@ class ModelRunner:
             else:
                 state.block_ids.extend(upd.new_block_ids)
             state.num_computed_tokens = upd.num_computed_tokens
+            state.token_ids.extend(upd.new_token_ids)  # PP > 1: sampled by the last stage
 
     def _new_state(self, new: NewRequest) -> RequestState:
         gen = None
@@ -215,6 +229,9 @@ class ModelRunner:
         # on CUDA this is launch time only (no sync here: it would stall the host)
         self.forward_time_s += time.perf_counter() - t0
         self.num_steps += 1
+        if not self.pp.is_last:
+            self._advance(batch)
+            return StepOutput(step.step_id)  # the last stage answers
         prompt_lps = self._prompt_logprobs(batch, hidden)
         sampled, logprobs = self._sample(batch, hidden)
         if self._capture_after_first_step:
@@ -222,13 +239,21 @@ class ModelRunner:
             self.capture_cuda_graphs()
         return self._make_output(step, batch, sampled, logprobs, prompt_lps)
 
-    def _forward(self, input_ids, positions, attn: AttentionMetadata) -> torch.Tensor:
+    def _forward(self, input_ids, positions, attn: AttentionMetadata) -> Any:
+        """[T, hidden] on the last stage; a stage before it returns what it sent on."""
         if self.graphs is not None and attn.max_query_len == 1:
             bs = self.graphs.padded_size(input_ids.shape[0], attn.max_seq_len)
             if bs is not None:
                 return self.graphs.run(bs, input_ids, positions, attn)
+        intermediate = None
+        if not self.pp.is_first:
+            empty = self.model.empty_intermediate(input_ids.shape[0], self.device)
+            intermediate = self.pp.recv(empty)  # [T, hidden] each
         with forward_context(ForwardContext(attn, self.kv_caches)):
-            return self.model(input_ids, positions)
+            out = self.model(input_ids, positions, intermediate)
+        if not self.pp.is_last:
+            self.pp.send(out)
+        return out
 
     def _sample(self, batch: _Batch, hidden: torch.Tensor):
         if not batch.sample_rows:
@@ -246,8 +271,9 @@ class ModelRunner:
         )
         out = self.sampler(logits, sbatch)
         tokens = out.token_ids.tolist()
-        for s, tok in zip(states, tokens, strict=True):
-            s.token_ids.append(tok)
+        if self.pp.size == 1:  # with PP the engine core sends them back (see the top)
+            for s, tok in zip(states, tokens, strict=True):
+                s.token_ids.append(tok)
         return tokens, self._logprobs_by_request(states, out)
 
     def _logprobs_by_request(self, states: list[RequestState], out) -> dict[str, Logprobs]:
@@ -280,8 +306,7 @@ class ModelRunner:
         per_row: list[list[int]] = [[] for _ in batch.states]
         for row, tok in zip(batch.sample_rows, sampled, strict=True):
             per_row[row] = [tok]
-        for s, n in zip(batch.states, batch.num_tokens, strict=True):
-            s.num_computed_tokens += n
+        self._advance(batch)
         return StepOutput(
             step.step_id,
             [s.req_id for s in batch.states],
@@ -289,6 +314,11 @@ class ModelRunner:
             logprobs,
             prompt_lps,
         )
+
+    @staticmethod
+    def _advance(batch: _Batch) -> None:
+        for s, n in zip(batch.states, batch.num_tokens, strict=True):
+            s.num_computed_tokens += n
 
 
 def compile_model(model: Any) -> None:

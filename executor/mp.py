@@ -3,8 +3,12 @@
 Steps and RPCs go to all workers at once over one ZMQ XPUB socket (XPUB, so that the
 executor sees every worker's subscription before the first broadcast: no message is
 lost to ZMQ's slow-joiner window). Results come back on one PULL socket; only the
-driver rank answers steps. A monitor thread watches the process sentinels and
-reports a dead worker within a fraction of a second.
+output rank (the first of the last pipeline stage) answers steps, and since every
+worker takes steps in broadcast order, outputs come back in the order steps were
+submitted. With pipeline parallelism several steps are in flight (`submit` /
+`collect`); step outputs that arrive while an RPC waits are kept for `collect`. A
+monitor thread watches the process sentinels and reports a dead worker within a
+fraction of a second.
 """
 
 from __future__ import annotations
@@ -144,7 +148,15 @@ class MpExecutor(Executor):
 
     # ---- the interface ------------------------------------------------------------
     def execute(self, step: StepInput) -> StepOutput:
+        self.submit(step)
+        return self.collect()
+
+    def submit(self, step: StepInput) -> None:
         self._bcast.send(step)
+
+    def collect(self) -> StepOutput:
+        if self._done:
+            return self._done.popleft()
         while True:
             msg = self._recv()
             if isinstance(msg, StepOutput):
@@ -168,6 +180,8 @@ class MpExecutor(Executor):
             msg = self._recv()
             if isinstance(msg, WorkerRpcResult) and msg.call_id == call_id:
                 results[msg.rank] = msg
+            elif isinstance(msg, StepOutput):
+                self._done.append(msg)  # a step in flight finished first: keep it
         errors = [f"rank {r.rank}: {r.error}" for r in results.values() if r.error]
         if errors:
             raise RuntimeError(f"collective_rpc({method}) failed: " + "; ".join(errors))

@@ -18,9 +18,15 @@ def _profile_forward(runner, config: EngineConfig) -> None:
     dev = runner.device
     ids = torch.zeros(n, dtype=torch.long, device=dev)
     positions = torch.arange(n, device=dev) % config.model.max_model_len
+    model = runner.model
+    # a later pipeline stage starts from (here zero) intermediate tensors, not tokens
+    intermediate = None
+    if not model.pp.is_first:
+        intermediate = {k: t.zero_() for k, t in model.empty_intermediate(n, dev).items()}
     with forward_context(ForwardContext(None, [])):
-        hidden = runner.model(ids, positions)  # [n, hidden]
-        runner.model.compute_logits(hidden[: config.scheduler.max_num_seqs])
+        hidden = model(ids, positions, intermediate)  # [n, hidden]
+        if model.pp.is_last:
+            model.compute_logits(hidden[: config.scheduler.max_num_seqs])
 
 
 def available_kv_bytes(runner, config: EngineConfig) -> int:

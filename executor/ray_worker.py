@@ -63,7 +63,7 @@ class RayWorker:
     def execute(self, data: bytes) -> bytes | None:
         """Run one step; the driver rank returns the StepOutput, others only an error."""
         out = run_step(self.worker, msgspec.msgpack.decode(data, type=StepInput))
-        if self.rank == 0 or out.error is not None:
+        if self.worker.answers_steps or out.error is not None:
             return self._enc.encode(out)
         return None
 

@@ -75,7 +75,8 @@ class Worker:
 
     def bytes_per_block(self) -> int:
         assert self.runner is not None
-        layers, kv_heads, head_dim = self._cache_shape()
+        _, kv_heads, head_dim = self._cache_shape()
+        layers = self.runner.model.end_layer - self.runner.model.start_layer  # this stage's
         elem = torch.empty((), dtype=self.runner.kv_cache_dtype()).element_size()
         return 2 * layers * self.config.cache.block_size * kv_heads * head_dim * elem
 
@@ -102,11 +103,20 @@ class Worker:
         assert self.runner is not None
         self.runner.allocate_kv_cache(num_blocks, *self._cache_shape())
         if self.device.type == "cuda" and not self.config.model.enforce_eager:
-            self.runner.capture_cuda_graphs()
+            if self.config.parallel.pipeline_parallel_size > 1:
+                # a graph cannot hold the send/recv between stages
+                logger.info("pipeline parallelism: decode runs eagerly, no CUDA graphs")
+            else:
+                self.runner.capture_cuda_graphs()
 
     def execute(self, step: StepInput) -> StepOutput:
         assert self.runner is not None
         return self.runner.execute(step)
+
+    @property
+    def answers_steps(self) -> bool:
+        """Whether this rank's StepOutputs go to the engine core (the others' are empty)."""
+        return self.rank == self.config.parallel.output_rank
 
     def check_health(self) -> None:
         return None

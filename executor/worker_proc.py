@@ -2,8 +2,9 @@
 
 It says hello, receives the encoded EngineConfig once, loads the model, reports how
 many KV blocks fit, then serves broadcast messages (steps, RPCs) until shutdown.
-Only the driver rank (0) answers steps; every rank answers RPCs. `run_step` and
-`run_rpc` are shared with the Ray actor (`executor/ray_worker.py`).
+Only the output rank (the first of the last pipeline stage) answers steps, other
+ranks only with an error; every rank answers RPCs. `run_step` and `run_rpc` are
+shared with the Ray actor (`executor/ray_worker.py`).
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def _serve(worker: Any, rank: int, sub: Receiver, results: Sender) -> None:
             continue
         if isinstance(msg, StepInput):
             out = run_step(worker, msg)
-            if rank == 0 or out.error is not None:
+            if worker.answers_steps or out.error is not None:
                 results.send(out)
         elif isinstance(msg, WorkerRpc):
             results.send(run_rpc(worker, rank, msg))

@@ -8,11 +8,20 @@ lowest-priority running request is preempted and later recomputed.
 
 `schedule()` returns plain data (`StepInput`); `update()` takes the step's output and
 returns the per-request outputs for the client.
+
+With pipeline parallelism the engine core keeps up to PP steps (micro-batches) in
+flight, so `schedule()` may run again before `update()` of the previous step. A
+request belongs to at most one step in flight: `schedule()` passes over requests in
+flight and never preempts one, and each micro-batch takes at most 1/PP of the
+requests, so that the next one has requests left to run. The workers' last stage
+samples without keeping the tokens; the step that next schedules a request carries
+them (`RunningRequest.new_token_ids`).
 """
 
 from __future__ import annotations
 
 import enum
+import math
 import time
 
 from engine_core.kv_cache.manager import KVCacheManager
@@ -32,8 +41,9 @@ class _Admit(enum.Enum):
 class _StepPlan:
     """What one `schedule()` call has decided so far."""
 
-    def __init__(self, budget: int) -> None:
+    def __init__(self, budget: int, max_seqs: int) -> None:
         self.budget = budget
+        self.max_seqs = max_seqs  # sequences in this step (a micro-batch's share with PP)
         self.tokens: dict[str, int] = {}  # req_id -> tokens this step, in batch order
         self.new_blocks: dict[str, list[int]] = {}
         self.preempted: list[str] = []
@@ -50,9 +60,16 @@ class _StepPlan:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(
+        self, config: SchedulerConfig, kv: KVCacheManager, pipeline_parallel_size: int = 1
+    ) -> None:
         self.config = config
         self.kv = kv
+        self.pipeline_parallel_size = pipeline_parallel_size
+        # requests of the steps scheduled and not yet updated (only ever one with PP = 1)
+        self._in_flight: dict[str, Request] = {}
+        # PP > 1: how many of a request's tokens the workers hold
+        self._worker_num_tokens: dict[str, int] = {}
         self.waiting = make_queue(config.policy)
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -91,18 +108,25 @@ class Scheduler:
 
     # ---- schedule ----------------------------------------------------------------
     def schedule(self) -> StepInput:
-        plan = _StepPlan(self.config.max_num_batched_tokens)
+        plan = _StepPlan(self.config.max_num_batched_tokens, self._max_seqs_per_step())
         self._schedule_running(plan)
         if not plan.preempted and self._may_admit_prompts():
             self._schedule_waiting(plan)
         return self._build_step_input(plan)
 
+    def _max_seqs_per_step(self) -> int:
+        if self.pipeline_parallel_size == 1:
+            return self.config.max_num_seqs
+        # an even share of what can run, so that PP micro-batches can be in flight at once
+        active = min(len(self.requests), self.config.max_num_seqs)
+        return max(1, math.ceil(active / self.pipeline_parallel_size))
+
     def _schedule_running(self, plan: _StepPlan) -> None:
         for req in list(self.running):
-            if plan.budget <= 0:
+            if plan.budget <= 0 or len(plan.tokens) >= plan.max_seqs:
                 break
-            if req.status != RequestStatus.RUNNING:
-                continue  # preempted earlier in this loop
+            if req.status != RequestStatus.RUNNING or req.request_id in self._in_flight:
+                continue  # preempted earlier in this loop, or its step is not back yet
             n = self._num_new_tokens(req, plan.budget)
             if n == 0:
                 continue
@@ -121,9 +145,17 @@ class Scheduler:
                 return None
 
     def _pick_victim(self) -> Request:
+        # Never one in flight: its step would come back for a request already reset.
+        # The request asking for blocks is not in flight, so there is always a candidate.
+        candidates = self._preemptible()
         if self.config.policy == "priority":
-            return max(self.running, key=Request.sort_key)
-        return self.running[-1]  # the latest arrival among the running
+            return max(candidates, key=Request.sort_key)
+        return candidates[-1]  # the latest arrival among the running
+
+    def _preemptible(self) -> list[Request]:
+        if not self._in_flight:
+            return self.running
+        return [r for r in self.running if r.request_id not in self._in_flight]
 
     def _preempt(self, req: Request, plan: _StepPlan) -> None:
         plan.undo(req)
@@ -148,7 +180,7 @@ class Scheduler:
         admitted = False
         passed_over: list[Request] = []
         while len(self.waiting) and plan.budget > 0:
-            if len(self.running) >= self.config.max_num_seqs:
+            if len(self.running) >= self.config.max_num_seqs or len(plan.tokens) >= plan.max_seqs:
                 break
             req = self.waiting.pop()
             verdict = self._admit(req, plan)
@@ -199,9 +231,10 @@ class Scheduler:
 
     def _priority_victim_for(self, req: Request) -> Request | None:
         # Under the priority policy a more urgent arrival may take a running one's blocks.
-        if self.config.policy != "priority" or not self.running:
+        candidates = self._preemptible()
+        if self.config.policy != "priority" or not candidates:
             return None
-        victim = max(self.running, key=Request.sort_key)
+        victim = max(candidates, key=Request.sort_key)
         return victim if victim.sort_key() > req.sort_key() else None
 
     def _may_start_partial(self, req: Request, plan: _StepPlan) -> _Admit:
@@ -241,15 +274,14 @@ class Scheduler:
             if rid not in self._known_to_worker:
                 self._known_to_worker.add(rid)
                 new.append(self._new_request_msg(req))
-            elif rid in self._resumed:
-                # its block table was freed on preemption: send the whole new one
-                self._resumed.discard(rid)
-                table = self.kv.get_block_ids(rid)
-                running.append(RunningRequest(rid, table, req.num_computed_tokens, True))
             else:
-                running.append(RunningRequest(rid, blocks, req.num_computed_tokens))
+                running.append(self._running_msg(req, blocks))
             req.num_computed_tokens += n
-        finished, self._finished_ids = self._finished_ids, []
+            self._in_flight[rid] = req
+        # an empty step is not sent: finished ids wait for one that is
+        finished: list[str] = []
+        if plan.tokens:
+            finished, self._finished_ids = self._finished_ids, []
         return StepInput(
             step_id=self._step_id,
             new_requests=new,
@@ -259,7 +291,25 @@ class Scheduler:
             preempted_req_ids=plan.preempted,
         )
 
+    def _running_msg(self, req: Request, new_blocks: list[int]) -> RunningRequest:
+        rid = req.request_id
+        if rid in self._resumed:
+            # its block table was freed on preemption: send the whole new one
+            self._resumed.discard(rid)
+            table = self.kv.get_block_ids(rid)
+            upd = RunningRequest(rid, table, req.num_computed_tokens, True)
+        else:
+            upd = RunningRequest(rid, new_blocks, req.num_computed_tokens)
+        if self.pipeline_parallel_size > 1:
+            # the workers hold the tokens up to the last step that carried this request
+            held = self._worker_num_tokens[rid]
+            upd.new_token_ids = req.all_token_ids[held:]
+            self._worker_num_tokens[rid] = req.num_tokens
+        return upd
+
     def _new_request_msg(self, req: Request) -> NewRequest:
+        if self.pipeline_parallel_size > 1:
+            self._worker_num_tokens[req.request_id] = req.num_tokens
         return NewRequest(
             req.request_id,
             list(req.all_token_ids),
@@ -271,9 +321,11 @@ class Scheduler:
 
     # ---- update ------------------------------------------------------------------
     def update(self, step: StepInput, out: StepOutput) -> list[EngineCoreOutput]:
+        # the step's own Request objects: an id aborted and reused meanwhile is another
+        stepped = {rid: self._in_flight.pop(rid, None) for rid in step.num_scheduled_tokens}
         outputs = []
         for i, rid in enumerate(out.req_ids):
-            req = self.requests.get(rid)
+            req = stepped.get(rid)
             if req is None or req.is_finished:
                 continue  # aborted while the step ran
             sampled = out.sampled[i]
@@ -324,6 +376,7 @@ class Scheduler:
         self.kv.free(req)
         del self.requests[req.request_id]
         self._resumed.discard(req.request_id)
+        self._worker_num_tokens.pop(req.request_id, None)
         if req.request_id in self._known_to_worker:
             self._known_to_worker.discard(req.request_id)
             self._finished_ids.append(req.request_id)

@@ -7,7 +7,7 @@ folder's safetensors files, else its PyTorch *.bin / *.pt files), "safetensors",
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ _TORCH_DTYPES = {
 }
 
 Weights = Iterator[tuple[str, torch.Tensor]]
+KeepName = Callable[[str], bool]
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -67,14 +68,19 @@ def load_model(config: EngineConfig, device: torch.device) -> CausalLM:
     if config.load.load_format == "dummy":
         init_dummy_weights(model, mc.seed)
     else:
+        # only this pipeline stage's tensors are read (all of them without PP)
         scales: dict[tuple[int, str], float] = {}
-        model.load_weights(split_kv_scales(checkpoint_weights(config), scales))
+        weights = checkpoint_weights(config, model.keeps_weight)
+        model.load_weights(split_kv_scales(weights, scales))
         apply_kv_scales(model, scales, config.cache.cache_dtype.startswith("fp8"))
     return model.eval()
 
 
-def checkpoint_weights(config: EngineConfig) -> Weights:
-    """(HF name, tensor) pairs of the configured checkpoint, whatever its format."""
+def checkpoint_weights(config: EngineConfig, keep: KeepName | None = None) -> Weights:
+    """(HF name, tensor) pairs of the configured checkpoint, whatever its format.
+
+    With `keep`, tensors whose name it rejects are not read at all.
+    """
     fmt = config.load.load_format
     use_tqdm = config.load.use_tqdm_on_load
     ignore = config.load.ignore_patterns
@@ -84,19 +90,19 @@ def checkpoint_weights(config: EngineConfig) -> Weights:
     if fmt == "gguf" or (fmt == "auto" and gguf_path is not None):
         if gguf_path is None:
             raise FileNotFoundError(f"load format gguf: no .gguf file at {config.model.model_path}")
-        return iter_gguf(gguf_path, use_tqdm)
+        return iter_gguf(gguf_path, use_tqdm, keep)
     folder = _model_folder(config.model)
     if fmt in ("auto", "safetensors"):
         files = find_safetensors_files(folder, ignore)
         if files:
-            return iter_safetensors(files, use_tqdm)
+            return iter_safetensors(files, use_tqdm, keep)
         if fmt == "safetensors":
             raise FileNotFoundError(f"no *.safetensors weight files in {folder}")
     files = find_pt_files(folder, ignore)
     if not files:
         looked_for = "*.safetensors, *.bin or *.pt" if fmt == "auto" else "*.bin or *.pt"
         raise FileNotFoundError(f"no weight files ({looked_for}) in {folder}")
-    return iter_pt(files, use_tqdm)
+    return iter_pt(files, use_tqdm, keep)
 
 
 def find_gguf_file(model: ModelConfig) -> Path | None:

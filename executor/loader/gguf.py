@@ -8,7 +8,7 @@ undo that so the weights fit the HF (neox style) layout our models use.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +75,10 @@ def _dequantized(tensor: Any) -> torch.Tensor:
     return torch.from_numpy(data.astype(np.float32, copy=False))
 
 
-def iter_gguf(path: str | Path, use_tqdm: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, float32 tensor) for every weight of a GGUF file."""
+def iter_gguf(
+    path: str | Path, use_tqdm: bool = True, keep: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, float32 tensor) for every weight of a GGUF file (that `keep` accepts)."""
     reader = gguf.GGUFReader(str(path))
     arch = field_value(reader, "general.architecture")
     num_heads = field_value(reader, f"{arch}.attention.head_count")
@@ -86,6 +88,8 @@ def iter_gguf(path: str | Path, use_tqdm: bool = True) -> Iterator[tuple[str, to
         if tensor.name in _SKIPPED:
             continue
         name = hf_name(tensor.name)
+        if keep is not None and not keep(name):
+            continue  # another pipeline stage's tensor: not dequantized
         weight = _dequantized(tensor)
         if permuted and ".self_attn.q_proj." in name:
             weight = unpermute_qk(weight, num_heads)

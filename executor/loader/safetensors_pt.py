@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -46,18 +46,23 @@ def find_pt_files(folder: Path, ignore_patterns: Sequence[str] = ()) -> list[Pat
 
 
 def iter_safetensors(
-    files: Sequence[Path], use_tqdm: bool = True
+    files: Sequence[Path], use_tqdm: bool = True, keep: Callable[[str], bool] | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of the files, one tensor in memory at a time."""
+    """(name, tensor) for every tensor of the files (that `keep` accepts; the others
+    are not read), one tensor in memory at a time."""
     for path in tqdm(files, desc="Loading safetensors", unit="file", disable=not use_tqdm):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                yield name, f.get_tensor(name)
+                if keep is None or keep(name):
+                    yield name, f.get_tensor(name)
 
 
-def iter_pt(files: Sequence[Path], use_tqdm: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of PyTorch state-dict files (weights_only load)."""
+def iter_pt(
+    files: Sequence[Path], use_tqdm: bool = True, keep: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of PyTorch state-dict files (weights_only load)
+    that `keep` accepts."""
     for path in tqdm(files, desc="Loading pt checkpoint", unit="file", disable=not use_tqdm):
         state = torch.load(path, map_location="cpu", weights_only=True)
-        yield from state.items()
+        yield from ((k, v) for k, v in state.items() if keep is None or keep(k))
         del state

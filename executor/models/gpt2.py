@@ -8,6 +8,7 @@ and v merged, and loads through the QKV layer's loader as one tensor.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from itertools import islice
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from executor.layers.linear import (
 )
 from executor.layers.norm import LayerNorm
 from executor.models.registry import CausalLM, load_named_weights
+from executor.pipeline import IntermediateTensors, PPGroup, make_layers
 
 CONV1D_WEIGHTS = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
 # Causal-mask buffers of old checkpoints ("h.N.attn.bias", "h.N.attn.masked_bias").
@@ -81,40 +83,73 @@ class GPT2Block(nn.Module):
 
 
 class GPT2Model(nn.Module):
-    def __init__(self, cfg: dict[str, Any], dtype: torch.dtype) -> None:
-        super().__init__()
-        self.wte = VocabParallelEmbedding(cfg["vocab_size"], cfg["n_embd"], dtype)
-        self.wpe = VocabParallelEmbedding(cfg["n_positions"], cfg["n_embd"], dtype)
-        self.h = nn.ModuleList(GPT2Block(cfg, i, dtype) for i in range(cfg["n_layer"]))
-        self.ln_f = _layer_norm(cfg, dtype)
+    """The block stack; with pipeline parallelism, this stage's part of it."""
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.wte(input_ids) + self.wpe(positions)  # [T, E]
-        for block in self.h:
+    def __init__(self, cfg: dict[str, Any], dtype: torch.dtype, pp: PPGroup) -> None:
+        super().__init__()
+        self.wte: VocabParallelEmbedding | None = None
+        self.wpe: VocabParallelEmbedding | None = None
+        if pp.is_first:
+            self.wte = VocabParallelEmbedding(cfg["vocab_size"], cfg["n_embd"], dtype)
+            self.wpe = VocabParallelEmbedding(cfg["n_positions"], cfg["n_embd"], dtype)
+        self.start_layer, self.end_layer, self.h = make_layers(
+            cfg["n_layer"], lambda i: GPT2Block(cfg, i, dtype), pp
+        )
+        self.ln_f = _layer_norm(cfg, dtype) if pp.is_last else None
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        intermediate: IntermediateTensors | None = None,
+    ) -> torch.Tensor | IntermediateTensors:
+        if intermediate is None:
+            assert self.wte is not None and self.wpe is not None
+            hidden = self.wte(input_ids) + self.wpe(positions)  # [T, E]
+        else:
+            hidden = intermediate["hidden"]
+        for block in islice(self.h, self.start_layer, self.end_layer):
             hidden = block(hidden)
+        if self.ln_f is None:
+            return {"hidden": hidden}
         return self.ln_f(hidden)
 
 
 class GPT2LMHeadModel(CausalLM):
     """GPT-2; the LM head is the token embedding (tied)."""
 
+    FIRST_STAGE_WEIGHTS = ("wte.", "wpe.")
+    LAST_STAGE_WEIGHTS = ("ln_f.", "lm_head.")
+    EMBEDDING_WEIGHT = "wte.weight"
+
     def __init__(self, hf_config: dict[str, Any], dtype: torch.dtype) -> None:
         super().__init__(hf_config, dtype)
-        self.transformer = GPT2Model(hf_config, dtype)
+        self.transformer = GPT2Model(hf_config, dtype, self.pp)
         self.tie_word_embeddings = bool(hf_config.get("tie_word_embeddings", True))
-        self.lm_head = ParallelLMHead(hf_config["vocab_size"], hf_config["n_embd"], False, dtype)
-        if self.tie_word_embeddings:
+        self.lm_head: ParallelLMHead | None = None
+        if self.pp.is_last:
+            self.lm_head = ParallelLMHead(
+                hf_config["vocab_size"], hf_config["n_embd"], False, dtype
+            )
+        if self.shares_embedding:
+            assert self.lm_head is not None and self.transformer.wte is not None
             self.lm_head.tie_to(self.transformer.wte)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.transformer(input_ids, positions)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        intermediate: IntermediateTensors | None = None,
+    ) -> torch.Tensor | IntermediateTensors:
+        return self.transformer(input_ids, positions, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        assert self.lm_head is not None, "only the last pipeline stage computes logits"
         return self.lm_head.compute_logits(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        skip = MASK_BUFFERS + (("lm_head.weight",) if self.tie_word_embeddings else ())
-        return load_named_weights(self, _hf_layout(weights), (), skip)
+        skip = MASK_BUFFERS + (("lm_head.weight",) if self.shares_embedding else ())
+        return load_named_weights(self, _hf_layout(self.stage_weights(weights)), (), skip)
 
 
 def _hf_layout(

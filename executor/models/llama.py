@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from executor.layers.linear import (
 from executor.layers.norm import RMSNorm
 from executor.layers.rotary import RotaryEmbedding, rope_settings
 from executor.models.registry import CausalLM, load_named_weights
+from executor.pipeline import IntermediateTensors, PPGroup, make_layers
 
 # Checkpoint q/k/v and gate/up tensors load as shards of the fused projections.
 STACKED_PARAMS = (
@@ -178,27 +180,53 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: dict[str, Any], spec: DecoderSpec, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], cfg["hidden_size"], dtype)
-        windows = layer_sliding_windows(cfg)
-        self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, spec, i, windows[i], dtype)
-            for i in range(cfg["num_hidden_layers"])
-        )
-        self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6), dtype)
+    """The decoder stack; with pipeline parallelism, this stage's part of it."""
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)  # [T, hidden]
-        residual: torch.Tensor | None = None
-        for layer in self.layers:
+    def __init__(
+        self, cfg: dict[str, Any], spec: DecoderSpec, dtype: torch.dtype, pp: PPGroup
+    ) -> None:
+        super().__init__()
+        self.embed_tokens: VocabParallelEmbedding | None = None
+        if pp.is_first:
+            self.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], cfg["hidden_size"], dtype)
+        windows = layer_sliding_windows(cfg)
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            cfg["num_hidden_layers"],
+            lambda i: LlamaDecoderLayer(cfg, spec, i, windows[i], dtype),
+            pp,
+        )
+        self.norm: RMSNorm | None = None
+        if pp.is_last:
+            self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6), dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        intermediate: IntermediateTensors | None = None,
+    ) -> torch.Tensor | IntermediateTensors:
+        residual: torch.Tensor | None
+        if intermediate is None:
+            assert self.embed_tokens is not None
+            hidden = self.embed_tokens(input_ids)  # [T, hidden]
+            residual = None
+        else:
+            hidden, residual = intermediate["hidden"], intermediate["residual"]
+        for layer in islice(self.layers, self.start_layer, self.end_layer):
             hidden, residual = layer(positions, hidden, residual)
+        if self.norm is None:
+            assert residual is not None  # every stage runs at least one layer
+            return {"hidden": hidden, "residual": residual}
         hidden, _ = self.norm(hidden, residual)  # type: ignore[misc]
         return hidden
 
 
 class LlamaForCausalLM(CausalLM):
     """Llama 2/3 (and the base of Mistral, Qwen2, Qwen3)."""
+
+    FIRST_STAGE_WEIGHTS = ("embed_tokens.",)
+    LAST_STAGE_WEIGHTS = ("model.norm.", "lm_head.")
+    PP_TENSORS = ("hidden", "residual")
 
     @classmethod
     def spec(cls, cfg: dict[str, Any]) -> DecoderSpec:
@@ -208,25 +236,34 @@ class LlamaForCausalLM(CausalLM):
     def __init__(self, hf_config: dict[str, Any], dtype: torch.dtype) -> None:
         super().__init__(hf_config, dtype)
         spec = self.spec(hf_config)
-        self.model = LlamaModel(hf_config, spec, dtype)
+        self.model = LlamaModel(hf_config, spec, dtype, self.pp)
         self.tie_word_embeddings = bool(
             hf_config.get("tie_word_embeddings", spec.tie_word_embeddings)
         )
-        self.lm_head = ParallelLMHead(
-            hf_config["vocab_size"], hf_config["hidden_size"], False, dtype
-        )
-        if self.tie_word_embeddings:
+        self.lm_head: ParallelLMHead | None = None
+        if self.pp.is_last:
+            self.lm_head = ParallelLMHead(
+                hf_config["vocab_size"], hf_config["hidden_size"], False, dtype
+            )
+        if self.shares_embedding:
+            assert self.lm_head is not None and self.model.embed_tokens is not None
             self.lm_head.tie_to(self.model.embed_tokens)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, positions)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        intermediate: IntermediateTensors | None = None,
+    ) -> torch.Tensor | IntermediateTensors:
+        return self.model(input_ids, positions, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        assert self.lm_head is not None, "only the last pipeline stage computes logits"
         return self.lm_head.compute_logits(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        skip = ROTARY_BUFFERS + (("lm_head.weight",) if self.tie_word_embeddings else ())
-        return load_named_weights(self, weights, STACKED_PARAMS, skip)
+        skip = ROTARY_BUFFERS + (("lm_head.weight",) if self.shares_embedding else ())
+        return load_named_weights(self, self.stage_weights(weights), STACKED_PARAMS, skip)
 
 
 class MistralForCausalLM(LlamaForCausalLM):

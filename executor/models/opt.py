@@ -9,6 +9,7 @@ between the two.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from itertools import islice
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from executor.layers.linear import (
 )
 from executor.layers.norm import LayerNorm
 from executor.models.registry import CausalLM, load_named_weights
+from executor.pipeline import IntermediateTensors, PPGroup, make_layers
 
 POSITION_OFFSET = 2
 
@@ -89,66 +91,102 @@ class OPTDecoderLayer(nn.Module):
 
 
 class OPTDecoder(nn.Module):
-    def __init__(self, cfg: dict[str, Any], dtype: torch.dtype) -> None:
+    """The decoder stack; with pipeline parallelism, this stage's part of it."""
+
+    def __init__(self, cfg: dict[str, Any], dtype: torch.dtype, pp: PPGroup) -> None:
         super().__init__()
         hidden = cfg["hidden_size"]
         word_dim = cfg.get("word_embed_proj_dim") or hidden
         max_pos = cfg["max_position_embeddings"] + POSITION_OFFSET
-        self.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], word_dim, dtype)
-        self.embed_positions = VocabParallelEmbedding(max_pos, hidden, dtype)
+        self.embed_tokens: VocabParallelEmbedding | None = None
+        self.embed_positions: VocabParallelEmbedding | None = None
         self.project_in: ReplicatedLinear | None = None
         self.project_out: ReplicatedLinear | None = None
-        if word_dim != hidden:
-            self.project_in = ReplicatedLinear(word_dim, hidden, False, dtype)
+        if pp.is_first:
+            self.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], word_dim, dtype)
+            self.embed_positions = VocabParallelEmbedding(max_pos, hidden, dtype)
+            if word_dim != hidden:
+                self.project_in = ReplicatedLinear(word_dim, hidden, False, dtype)
+        if pp.is_last and word_dim != hidden:
             self.project_out = ReplicatedLinear(hidden, word_dim, False, dtype)
         self.final_layer_norm: LayerNorm | None = None
-        if cfg.get("do_layer_norm_before", True) and not cfg.get("_remove_final_layer_norm"):
+        pre_norm = cfg.get("do_layer_norm_before", True)
+        if pp.is_last and pre_norm and not cfg.get("_remove_final_layer_norm"):
             self.final_layer_norm = _layer_norm(cfg, dtype)
-        self.layers = nn.ModuleList(
-            OPTDecoderLayer(cfg, i, dtype) for i in range(cfg["num_hidden_layers"])
+        self.is_last = pp.is_last
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            cfg["num_hidden_layers"], lambda i: OPTDecoderLayer(cfg, i, dtype), pp
         )
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)  # [T, word_dim]
-        if self.project_in is not None:
-            hidden = self.project_in(hidden)  # [T, hidden]
-        hidden = hidden + self.embed_positions(positions + POSITION_OFFSET)
-        for layer in self.layers:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        intermediate: IntermediateTensors | None = None,
+    ) -> torch.Tensor | IntermediateTensors:
+        if intermediate is None:
+            hidden = self._embed(input_ids, positions)
+        else:
+            hidden = intermediate["hidden"]
+        for layer in islice(self.layers, self.start_layer, self.end_layer):
             hidden = layer(hidden)
+        if not self.is_last:
+            return {"hidden": hidden}
         if self.final_layer_norm is not None:
             hidden = self.final_layer_norm(hidden)
         if self.project_out is not None:
             hidden = self.project_out(hidden)  # [T, word_dim]
         return hidden
 
+    def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        assert self.embed_tokens is not None and self.embed_positions is not None
+        hidden = self.embed_tokens(input_ids)  # [T, word_dim]
+        if self.project_in is not None:
+            hidden = self.project_in(hidden)  # [T, hidden]
+        return hidden + self.embed_positions(positions + POSITION_OFFSET)
+
 
 class OPTModel(nn.Module):
-    def __init__(self, cfg: dict[str, Any], dtype: torch.dtype) -> None:
+    def __init__(self, cfg: dict[str, Any], dtype: torch.dtype, pp: PPGroup) -> None:
         super().__init__()
-        self.decoder = OPTDecoder(cfg, dtype)
+        self.decoder = OPTDecoder(cfg, dtype, pp)
 
 
 class OPTForCausalLM(CausalLM):
     """OPT; the LM head shares the token embedding unless tie_word_embeddings is false."""
 
+    FIRST_STAGE_WEIGHTS = ("embed_tokens.", "embed_positions.", "project_in.")
+    LAST_STAGE_WEIGHTS = ("decoder.final_layer_norm.", "project_out.", "lm_head.")
+
     def __init__(self, hf_config: dict[str, Any], dtype: torch.dtype) -> None:
         super().__init__(hf_config, dtype)
-        self.model = OPTModel(hf_config, dtype)
+        self.model = OPTModel(hf_config, dtype, self.pp)
         word_dim = hf_config.get("word_embed_proj_dim") or hf_config["hidden_size"]
         self.tie_word_embeddings = bool(hf_config.get("tie_word_embeddings", True))
-        self.lm_head = ParallelLMHead(hf_config["vocab_size"], word_dim, False, dtype)
-        if self.tie_word_embeddings:
+        self.lm_head: ParallelLMHead | None = None
+        if self.pp.is_last:
+            self.lm_head = ParallelLMHead(hf_config["vocab_size"], word_dim, False, dtype)
+        if self.shares_embedding:
+            assert self.lm_head is not None and self.model.decoder.embed_tokens is not None
             self.lm_head.tie_to(self.model.decoder.embed_tokens)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model.decoder(input_ids, positions)
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        intermediate: IntermediateTensors | None = None,
+    ) -> torch.Tensor | IntermediateTensors:
+        return self.model.decoder(input_ids, positions, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        assert self.lm_head is not None, "only the last pipeline stage computes logits"
         return self.lm_head.compute_logits(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        skip = ("lm_head.weight",) if self.tie_word_embeddings else ()
-        return load_named_weights(self, _with_model_prefix(weights), STACKED_PARAMS, skip)
+        skip = ("lm_head.weight",) if self.shares_embedding else ()
+        return load_named_weights(
+            self, _with_model_prefix(self.stage_weights(weights)), STACKED_PARAMS, skip
+        )
 
 
 def _with_model_prefix(

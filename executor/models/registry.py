@@ -10,6 +10,7 @@ architecture.
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from executor.layers.heads import head_layout
 from executor.layers.linear import default_weight_loader
+from executor.pipeline import IntermediateTensors, get_pp_group
 
 # architecture name (HF config "architectures") -> (module, class)
 _MODELS: dict[str, tuple[str, str]] = {
@@ -45,16 +47,46 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODELS)
 StackedParams = Sequence[tuple[str, str, Any]]
 
 
+# The layer number in a checkpoint name: "model.layers.3.", "decoder.layers.3.", "h.3."
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
+
+
 class CausalLM(nn.Module):
-    """The interface every model implements (see the module docstring)."""
+    """The interface every model implements (see the module docstring).
+
+    With pipeline parallelism a model holds only its stage's part (see
+    executor/pipeline.py): `start_layer`..`end_layer`, the embedding on the first
+    stage, the final norm and LM head on the last. The class attributes below say
+    which checkpoint tensors belong to which stage.
+    """
+
+    # Checkpoint-name parts of the tensors only the first / last stage holds.
+    FIRST_STAGE_WEIGHTS: tuple[str, ...] = ("embed_tokens.",)
+    LAST_STAGE_WEIGHTS: tuple[str, ...] = ("lm_head.",)
+    # The token embedding table: a tied LM head on a stage without it loads it itself.
+    EMBEDDING_WEIGHT = "embed_tokens.weight"
+    # What one stage hands the next, each [T, hidden] (see empty_intermediate).
+    PP_TENSORS: tuple[str, ...] = ("hidden",)
+    tie_word_embeddings = False
 
     def __init__(self, hf_config: dict[str, Any], dtype: torch.dtype) -> None:
         super().__init__()
         self.hf_config = hf_config
         self.dtype = dtype
+        self.pp = get_pp_group()
+        self.start_layer, self.end_layer = self.pp.layer_range(num_layers_of(hf_config))
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """input_ids [T] int64, positions [T] int64 -> hidden [T, hidden]."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        intermediate: IntermediateTensors | None = None,
+    ) -> torch.Tensor | IntermediateTensors:
+        """input_ids [T] int64, positions [T] int64 -> hidden [T, hidden].
+
+        A stage after the first takes the previous stage's `intermediate` instead of
+        embedding input_ids; a stage before the last returns its intermediate tensors.
+        """
         raise NotImplementedError
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -64,6 +96,55 @@ class CausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load (HF checkpoint name, tensor) pairs; returns the parameter names filled."""
         raise NotImplementedError
+
+    # ---- pipeline stages ----------------------------------------------------------
+    @property
+    def head_takes_embedding(self) -> bool:
+        """A tied LM head on a last stage that has no embedding loads the table itself."""
+        return self.tie_word_embeddings and self.pp.is_last and not self.pp.is_first
+
+    @property
+    def shares_embedding(self) -> bool:
+        """The LM head is this stage's embedding Parameter (checkpoint lm_head is skipped)."""
+        return self.tie_word_embeddings and self.pp.is_first and self.pp.is_last
+
+    def keeps_weight(self, name: str) -> bool:
+        """Whether checkpoint tensor `name` belongs to this stage (always, without PP)."""
+        if self.pp.size == 1:
+            return True
+        m = _LAYER_INDEX.search(name)
+        if m:
+            return self.start_layer <= int(m.group(1)) < self.end_layer
+        if self.head_takes_embedding and name.endswith(self.EMBEDDING_WEIGHT):
+            return True
+        if any(part in name for part in self.FIRST_STAGE_WEIGHTS):
+            return self.pp.is_first
+        if any(part in name for part in self.LAST_STAGE_WEIGHTS):
+            return self.pp.is_last
+        return True
+
+    def stage_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterable[tuple[str, torch.Tensor]]:
+        """This stage's checkpoint tensors; the embedding goes to a tied head without it."""
+        if self.pp.size == 1:
+            yield from weights
+            return
+        for name, tensor in weights:
+            if not self.keeps_weight(name):
+                continue
+            if self.head_takes_embedding and name.endswith(self.EMBEDDING_WEIGHT):
+                name = "lm_head.weight"
+            yield name, tensor
+
+    def empty_intermediate(self, num_tokens: int, device: torch.device) -> IntermediateTensors:
+        """Buffers for what the previous stage sends: PP_TENSORS, each [T, hidden]."""
+        cfg = self.hf_config
+        width = int(cfg.get("hidden_size") or cfg["n_embd"])
+        return {
+            name: torch.empty(num_tokens, width, dtype=self.dtype, device=device)
+            for name in self.PP_TENSORS
+        }
 
 
 def get_model_class(architecture: str) -> type[CausalLM]:
@@ -92,6 +173,13 @@ def architecture_of(hf_config: dict[str, Any]) -> str:
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     return arch
+
+
+def num_layers_of(hf_config: dict[str, Any]) -> int:
+    layers = hf_config.get("num_hidden_layers", hf_config.get("n_layer"))
+    if layers is None:
+        raise ValueError("HF config lacks num_hidden_layers (n_layer)")
+    return int(layers)
 
 
 def kv_cache_shape_info(hf_config: dict[str, Any], tp_size: int = 1) -> tuple[int, int, int]:

@@ -15,12 +15,12 @@ BLOCK = 4
 _ids = itertools.count()
 
 
-def make_scheduler(num_blocks=64, budget=16, max_seqs=8, prefix=False, **kw) -> Scheduler:
+def make_scheduler(num_blocks=64, budget=16, max_seqs=8, prefix=False, pp=1, **kw) -> Scheduler:
     cfg = SchedulerConfig(
         max_num_batched_tokens=budget, max_num_seqs=max_seqs, max_model_len=64, **kw
     )
     kv = KVCacheManager(num_blocks, BLOCK, prefix, "builtin", 64)
-    return Scheduler(cfg, kv)
+    return Scheduler(cfg, kv, pp)
 
 
 def make_request(n_prompt=5, max_tokens=4, priority=0, arrival=0.0, **sampling) -> Request:
@@ -197,6 +197,8 @@ def test_abort_frees_blocks_and_tells_the_worker():
     outs = s.abort_requests([r.request_id])
     assert outs[0].finish_reason == FinishReason.ABORT
     assert s.kv.usage == 0.0
+    assert s.schedule().finished_req_ids == []  # an empty step is not sent: the id waits
+    s.add_request(make_request())
     inp = s.schedule()
     assert inp.finished_req_ids == [r.request_id]
 
@@ -212,3 +214,68 @@ def test_prefix_hits_skip_computed_tokens():
     # two full blocks (8 tokens) cached; the 9th is computed again
     assert inp.num_scheduled_tokens == {"b": 1}
     assert outs[0].num_cached_tokens == 8
+
+
+# --- pipeline parallelism: several steps in flight before their updates
+
+
+def test_micro_batches_share_the_requests_and_never_overlap():
+    s = make_scheduler(pp=2)
+    reqs = [make_request(n_prompt=3, max_tokens=4) for _ in range(4)]
+    ids = [r.request_id for r in reqs]
+    for r in reqs:
+        s.add_request(r)
+    a, b = s.schedule(), s.schedule()
+    assert list(a.num_scheduled_tokens) == ids[:2] and list(b.num_scheduled_tokens) == ids[2:]
+    assert s.schedule().num_scheduled_tokens == {}  # everything is in flight
+    s.update(a, fake_output(s, a, token=7))
+    c = s.schedule()  # a's requests came back: their decodes, with the tokens sampled
+    assert c.num_scheduled_tokens == {ids[0]: 1, ids[1]: 1}
+    assert [u.new_token_ids for u in c.running] == [[7], [7]]
+    s.update(b, fake_output(s, b, token=8))
+    d = s.schedule()
+    assert d.num_scheduled_tokens == {ids[2]: 1, ids[3]: 1}
+    assert [u.new_token_ids for u in d.running] == [[8], [8]]
+    s.kv.check_integrity()
+
+
+def test_a_request_in_flight_is_never_preempted():
+    # 5 blocks = null + 4 usable: two requests of 8 tokens fill them
+    s = make_scheduler(num_blocks=5, pp=2)
+    a = make_request(n_prompt=8, max_tokens=3)
+    b = make_request(n_prompt=8, max_tokens=3)
+    s.add_request(a)
+    s.add_request(b)
+    first, second = s.schedule(), s.schedule()
+    s.update(first, fake_output(s, first, token=7))
+    # a needs a third block; b is in flight, so a gives way itself
+    inp = s.schedule()
+    assert inp.preempted_req_ids == [a.request_id] and inp.num_scheduled_tokens == {}
+    s.update(second, fake_output(s, second, token=7))
+    assert b.output_token_ids == [7]
+    while b.request_id in s.requests:
+        step(s)
+    inp, _ = step(s)  # a comes back with the token the workers never kept
+    assert inp.num_scheduled_tokens == {a.request_id: 9}
+    assert inp.running[0].resumed and inp.running[0].new_token_ids == [7]
+    s.kv.check_integrity()
+
+
+def test_abort_while_in_flight():
+    s = make_scheduler(pp=2)
+    a = make_request(n_prompt=5, max_tokens=4)
+    b = make_request(n_prompt=5, max_tokens=4)
+    s.add_request(a)
+    s.add_request(b)
+    first, second = s.schedule(), s.schedule()
+    assert s.abort_requests([a.request_id])[0].finish_reason == FinishReason.ABORT
+    # the id is reused before the aborted step comes back: the new request gets nothing
+    again = Request(a.request_id, [5, 6], SamplingOptions(temperature=0.0), 4)
+    s.add_request(again)
+    assert s.update(first, StepOutput(first.step_id, [a.request_id], [[7]])) == []
+    assert again.output_token_ids == [] and a.output_token_ids == []
+    s.update(second, fake_output(s, second))
+    inp, nxt = s.schedule(), s.schedule()  # one request each
+    assert inp.finished_req_ids == [a.request_id]  # the workers drop the aborted one
+    assert [n.req_id for n in nxt.new_requests] == [a.request_id]  # and take the new one
+    s.kv.check_integrity()

@@ -9,7 +9,7 @@ import pytest
 from engine_core import LLM, SamplingParams
 from engine_core.args import EngineArgs
 from engine_core.config import ConfigError, resolve_config
-from tests.helpers.tiny_models import make_tiny_model, smollm2_gguf_path
+from tests.helpers.tiny_models import TINY_ARCHS, make_tiny_model, smollm2_gguf_path
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -40,7 +40,7 @@ def greedy(path: str, tp: int, ps, monkeypatch, max_tokens: int = 12, **engine_a
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "opt", "gpt2"])
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_tp2_equals_tp1(arch, tmp_path, monkeypatch):
     path = str(make_tiny_model(tmp_path / arch, arch))
     ps = prompts(4, seed=3)
