@@ -38,7 +38,7 @@ from engine_core.outputs import RequestOutput
 from engine_core.processor import InputProcessor, PromptType
 from engine_core.sampling_params import SamplingParams
 from executor.config import EngineConfig
-from executor.ipc import Receiver
+from executor.ipc import Receiver, make_context
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class AsyncEngineClient:
         self.outputs = OutputProcessor(tokenizer)
         num_cores = config.parallel.data_parallel_size
         self.balancer = LoadBalancer(num_cores)
-        self._sync_ctx = zmq.Context()
+        self._sync_ctx = make_context(zmq.Context)
         self._cores: list[CoreProcess] = []
         self._outs: list[Receiver[CoreMessage]] = []
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
@@ -88,7 +88,7 @@ class AsyncEngineClient:
             raise
         self.core_num_blocks = [core.num_blocks for core in self._cores]
         self.num_blocks = sum(self.core_num_blocks)
-        self._actx = zmq.asyncio.Context()
+        self._actx = make_context(zmq.asyncio.Context)
         self._outs = [core.output_receiver(self._actx) for core in self._cores]
         for i in range(len(self._cores)):
             self._tasks.append(asyncio.create_task(self._output_handler(i), name=f"outputs{i}"))

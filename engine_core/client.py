@@ -35,7 +35,7 @@ from engine_core.messages import (
     UtilityResult,
 )
 from executor.config import EngineConfig
-from executor.ipc import IpcDir, Receiver, Sender, spawn_process
+from executor.ipc import IpcDir, Receiver, Sender, make_context, spawn_process
 
 logger = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ class SyncMPClient:
     outputs of all cores come out of one get_outputs()."""
 
     def __init__(self, config: EngineConfig) -> None:
-        self._ctx = zmq.Context()
+        self._ctx = make_context(zmq.Context)
         try:
             self.cores = start_cores(config, self._ctx)
         except BaseException:

@@ -27,6 +27,19 @@ T = TypeVar("T")
 IPC_ROOT_ENV = "TESSERA_IPC_ROOT"
 
 
+C = TypeVar("C", bound=zmq.Context)
+
+
+def make_context(cls: type[C]) -> C:
+    """A ZMQ context for the side that may be garbage-collected (clients, executors):
+    its sockets drop unsent messages on close. With the default (wait forever), a
+    context collected while a peer is dead blocked the whole process in its __del__.
+    Explicit shutdowns already close with linger 0; this covers the implicit ones."""
+    ctx = cls()
+    ctx.setsockopt(zmq.LINGER, 0)
+    return ctx
+
+
 class IpcDir:
     """A private folder for this engine's ipc socket files, removed on close.
 

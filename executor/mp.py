@@ -25,7 +25,7 @@ import msgspec
 import zmq
 
 from executor.base import Executor
-from executor.ipc import IpcDir, Receiver, Sender, spawn_process
+from executor.ipc import IpcDir, Receiver, Sender, make_context, spawn_process
 from executor.messages import (
     FromWorker,
     StepInput,
@@ -55,7 +55,7 @@ class MpExecutor(Executor):
     def initialize(self) -> int:
         self.world_size = self.config.parallel.world_size
         self._ipc = IpcDir()
-        self._ctx = zmq.Context()
+        self._ctx = make_context(zmq.Context)
         self._dead: str | None = None
         self._call_ids = 0
         addrs = WorkerAddresses(

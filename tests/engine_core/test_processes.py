@@ -174,7 +174,7 @@ def test_kill_9_of_rank_1_takes_the_engine_down(model):
             ]
             await asyncio.sleep(1.0)
             assert not any(t.done() for t in tasks), "generation ended before the kill"
-            engine = [psutil.Process(client._core.proc.pid), psutil.Process(rank_pids[0])]
+            engine = [psutil.Process(client._cores[0].proc.pid), psutil.Process(rank_pids[0])]
             os.kill(rank_pids[1], signal.SIGKILL)
             done, pending = await asyncio.wait(tasks, timeout=5)
             assert not pending, "requests still waiting 5 s after the kill"
@@ -185,7 +185,7 @@ def test_kill_9_of_rank_1_takes_the_engine_down(model):
             _, alive = await asyncio.to_thread(psutil.wait_procs, engine, 15)
             assert alive == []
         finally:
-            ipc = client._core.ipc.path
+            ipc = client._cores[0].ipc.path
             await client.shutdown()
         assert not os.path.exists(ipc)
 
