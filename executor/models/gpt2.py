@@ -16,7 +16,7 @@ from torch import nn
 
 from executor.layers.activation import get_act_fn
 from executor.layers.attention import Attention
-from executor.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from executor.layers.embedding import VocabParallelEmbedding
 from executor.layers.linear import (
     ColumnParallelLinear,
     HeadRowParallelLinear,
@@ -126,14 +126,7 @@ class GPT2LMHeadModel(CausalLM):
         super().__init__(hf_config, dtype)
         self.transformer = GPT2Model(hf_config, dtype, self.pp)
         self.tie_word_embeddings = bool(hf_config.get("tie_word_embeddings", True))
-        self.lm_head: ParallelLMHead | None = None
-        if self.pp.is_last:
-            self.lm_head = ParallelLMHead(
-                hf_config["vocab_size"], hf_config["n_embd"], False, dtype
-            )
-        if self.shares_embedding:
-            assert self.lm_head is not None and self.transformer.wte is not None
-            self.lm_head.tie_to(self.transformer.wte)
+        self.make_lm_head(hf_config["vocab_size"], hf_config["n_embd"], self.transformer.wte)
 
     def forward(
         self,
@@ -142,10 +135,6 @@ class GPT2LMHeadModel(CausalLM):
         intermediate: IntermediateTensors | None = None,
     ) -> torch.Tensor | IntermediateTensors:
         return self.transformer(input_ids, positions, intermediate)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        assert self.lm_head is not None, "only the last pipeline stage computes logits"
-        return self.lm_head.compute_logits(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         skip = MASK_BUFFERS + (("lm_head.weight",) if self.shares_embedding else ())

@@ -17,7 +17,7 @@ from torch import nn
 
 from executor.layers.activation import SiluAndMul
 from executor.layers.attention import Attention
-from executor.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from executor.layers.embedding import VocabParallelEmbedding
 from executor.layers.linear import (
     HeadRowParallelLinear,
     MergedColumnParallelLinear,
@@ -240,14 +240,9 @@ class LlamaForCausalLM(CausalLM):
         self.tie_word_embeddings = bool(
             hf_config.get("tie_word_embeddings", spec.tie_word_embeddings)
         )
-        self.lm_head: ParallelLMHead | None = None
-        if self.pp.is_last:
-            self.lm_head = ParallelLMHead(
-                hf_config["vocab_size"], hf_config["hidden_size"], False, dtype
-            )
-        if self.shares_embedding:
-            assert self.lm_head is not None and self.model.embed_tokens is not None
-            self.lm_head.tie_to(self.model.embed_tokens)
+        self.make_lm_head(
+            hf_config["vocab_size"], hf_config["hidden_size"], self.model.embed_tokens
+        )
 
     def forward(
         self,
@@ -256,10 +251,6 @@ class LlamaForCausalLM(CausalLM):
         intermediate: IntermediateTensors | None = None,
     ) -> torch.Tensor | IntermediateTensors:
         return self.model(input_ids, positions, intermediate)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        assert self.lm_head is not None, "only the last pipeline stage computes logits"
-        return self.lm_head.compute_logits(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         skip = ROTARY_BUFFERS + (("lm_head.weight",) if self.shares_embedding else ())

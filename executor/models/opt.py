@@ -17,7 +17,7 @@ from torch import nn
 
 from executor.layers.activation import get_act_fn
 from executor.layers.attention import Attention
-from executor.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from executor.layers.embedding import VocabParallelEmbedding
 from executor.layers.linear import (
     ColumnParallelLinear,
     HeadRowParallelLinear,
@@ -163,12 +163,7 @@ class OPTForCausalLM(CausalLM):
         self.model = OPTModel(hf_config, dtype, self.pp)
         word_dim = hf_config.get("word_embed_proj_dim") or hf_config["hidden_size"]
         self.tie_word_embeddings = bool(hf_config.get("tie_word_embeddings", True))
-        self.lm_head: ParallelLMHead | None = None
-        if self.pp.is_last:
-            self.lm_head = ParallelLMHead(hf_config["vocab_size"], word_dim, False, dtype)
-        if self.shares_embedding:
-            assert self.lm_head is not None and self.model.decoder.embed_tokens is not None
-            self.lm_head.tie_to(self.model.decoder.embed_tokens)
+        self.make_lm_head(hf_config["vocab_size"], word_dim, self.model.decoder.embed_tokens)
 
     def forward(
         self,
@@ -177,10 +172,6 @@ class OPTForCausalLM(CausalLM):
         intermediate: IntermediateTensors | None = None,
     ) -> torch.Tensor | IntermediateTensors:
         return self.model.decoder(input_ids, positions, intermediate)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        assert self.lm_head is not None, "only the last pipeline stage computes logits"
-        return self.lm_head.compute_logits(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         skip = ("lm_head.weight",) if self.shares_embedding else ()

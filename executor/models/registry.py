@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from executor.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from executor.layers.heads import head_layout
 from executor.layers.linear import default_weight_loader
 from executor.pipeline import IntermediateTensors, get_pp_group
@@ -91,7 +92,20 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [S, hidden] -> logits [S, vocab] float32."""
-        raise NotImplementedError
+        assert self.lm_head is not None, "only the last pipeline stage computes logits"
+        return self.lm_head.compute_logits(hidden)
+
+    def make_lm_head(
+        self, vocab_size: int, width: int, embedding: VocabParallelEmbedding | None
+    ) -> None:
+        """The LM head, on the last stage only; tied to `embedding` when this stage
+        holds both (set tie_word_embeddings first)."""
+        self.lm_head: ParallelLMHead | None = None
+        if self.pp.is_last:
+            self.lm_head = ParallelLMHead(vocab_size, width, False, self.dtype)
+        if self.shares_embedding:
+            assert self.lm_head is not None and embedding is not None
+            self.lm_head.tie_to(embedding)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load (HF checkpoint name, tensor) pairs; returns the parameter names filled."""
