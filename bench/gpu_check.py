@@ -151,39 +151,9 @@ def section_bf16(args) -> None:
 
 
 def section_latency(args) -> None:
-    bw = copy_bandwidth_gbs()
+    bw, floor_ms = eight_b_floor()
     record("latency", "copy bandwidth", None, f"{bw:.0f} GB/s")
-    weight_bytes = 8.03e9 * 2
-    floor_ms = weight_bytes / (bw * 1e9) * 1000
-    cmd = [
-        sys.executable,
-        "bench/latency.py",
-        "--model",
-        "bench/models/llama-3.1-8b",
-        "--load-format",
-        "dummy",
-        "--dtype",
-        "bfloat16",
-        "--skip-tokenizer-init",
-        "--max-model-len",
-        "2048",
-        "--batch-size",
-        "1",
-        "8",
-        "--input-len",
-        "32",
-        "--output-len",
-        "128",
-        "--num-iters",
-        "3",
-        "--num-iters-warmup",
-        "1",
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    if not rows:
-        record("latency", "8B shape", False, out.stderr[-2000:])
-        return
+    rows = _latency_rows("latency", ["--batch-size", "1", "8"], timeout=600)
     for r in rows:
         ratio = r["ms_per_step"] / floor_ms
         record(
@@ -205,10 +175,9 @@ def section_compile(args) -> None:
         want = hf_greedy_cuda(path, ps, 16)
         got = tessera_greedy(str(path), ps, 16, 512, dtype="float32", compilation_config=3)
         record("compile", f"{arch} fp32 -O3 graphs", got == want, first_divergence(got, want))
-    bw = copy_bandwidth_gbs()
-    floor_ms = 8.03e9 * 2 / (bw * 1e9) * 1000
+    _, floor_ms = eight_b_floor()
     for level in ("0", "3"):
-        rows = _latency_rows(["--batch-size", "1", "-O", level])
+        rows = _latency_rows("compile", ["--batch-size", "1", "-O", level])
         for r in rows:
             record(
                 "compile",
@@ -218,15 +187,22 @@ def section_compile(args) -> None:
             )
 
 
-def _latency_rows(extra: list[str]) -> list[dict]:
+def eight_b_floor() -> tuple[float, float]:
+    """Copy bandwidth (GB/s) and the 8B shape's step floor: its bf16 weights / bandwidth (ms)."""
+    bw = copy_bandwidth_gbs()
+    return bw, 8.03e9 * 2 / (bw * 1e9) * 1000
+
+
+def _latency_rows(section: str, extra: list[str], timeout: int = 500) -> list[dict]:
+    """bench/latency.py on the 8B shape (dummy bf16), 32 in / 128 out; its JSON rows."""
     cmd = [sys.executable, "bench/latency.py", "--model", "bench/models/llama-3.1-8b",
            "--load-format", "dummy", "--dtype", "bfloat16", "--skip-tokenizer-init",
            "--max-model-len", "2048", "--input-len", "32", "--output-len", "128",
            "--num-iters", "3", "--num-iters-warmup", "1", *extra]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=500)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     if not rows:
-        record("compile", " ".join(extra), False, out.stderr[-1500:])
+        record(section, "8B shape " + " ".join(extra), False, out.stderr[-2000:])
     return rows
 
 

@@ -17,7 +17,8 @@ from engine_core.dp import LoadBalancer, combine_results, rank_configs, total_st
 from engine_core.messages import SchedulerStats
 from engine_core.sampling_params import RequestOutputKind
 from engine_core.tokenizer import Tokenizer
-from tests.engine_core.test_processes import assert_no_children, children, prompts
+from tests.engine_core.test_processes import assert_no_children, prompts
+from tests.helpers.processes import children
 from tests.helpers.tiny_models import make_tiny_model
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)

@@ -21,6 +21,7 @@ from engine_core.messages import AbortRequests, EngineCoreRequest, UtilityCall
 from engine_core.sampling_params import RequestOutputKind
 from engine_core.tokenizer import Tokenizer
 from executor.messages import SamplingOptions
+from tests.helpers.processes import children
 from tests.helpers.tiny_models import make_tiny_model
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -34,18 +35,6 @@ def model(tmp_path_factory):
 def prompts(n: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randint(10, 5000) for _ in range(rng.randint(2, 40))] for _ in range(n)]
-
-
-def children() -> list[psutil.Process]:
-    """Our engine processes (multiprocessing's resource tracker lives on by design)."""
-    procs = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if "resource_tracker" not in " ".join(p.cmdline()):
-                procs.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return procs
 
 
 def assert_no_children(timeout: float = 10.0) -> None:

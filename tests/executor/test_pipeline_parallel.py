@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pytest
 import torch
 from torch import nn
@@ -24,6 +23,7 @@ from engine_core.args import EngineArgs
 from engine_core.config import ConfigError, resolve_config
 from executor.loader import load_model
 from executor.pipeline import PPGroup, set_pp_group, stage_layers
+from tests.helpers.processes import children
 from tests.helpers.tiny_models import (
     TINY_ARCHS,
     greedy_generate,
@@ -161,25 +161,14 @@ def test_pp_refusals(tmp_path: Path) -> None:
 # ---- engines, one worker process per rank --------------------------------------------------
 
 
-def _children() -> list[psutil.Process]:
-    procs = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if "resource_tracker" not in " ".join(p.cmdline()):
-                procs.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return procs
-
-
 @pytest.fixture
 def no_leftovers() -> Iterator[None]:
     """After the test (passed or not) no engine process of ours may remain."""
     yield
     deadline = time.monotonic() + 10
-    while _children() and time.monotonic() < deadline:
+    while children() and time.monotonic() < deadline:
         time.sleep(0.1)
-    left = _children()
+    left = children()
     for p in left:
         p.kill()
     assert left == []
