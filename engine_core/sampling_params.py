@@ -145,7 +145,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         """The part of these parameters the worker's sampler needs.
 
         bad_words_token_ids: `bad_words` tokenized by the caller (the worker has no
-        tokenizer). The stop ids are sent only when min_tokens needs them masked.
+        tokenizer). stop_token_ids are for the engine core's stop check; with
+        min_tokens the EOS ids join them (unless ignored) for the sampler's mask.
         """
         greedy = self.is_greedy
         return SamplingOptions(
@@ -164,10 +165,15 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             if bad_words_token_ids
             else None,
             min_tokens=self.min_tokens,
-            stop_token_ids=self.all_stop_token_ids(eos_token_id) if self.min_tokens else None,
+            stop_token_ids=self._stop_ids_for_workers(eos_token_id),
             logprobs=self.logprobs,
             prompt_logprobs=self.prompt_logprobs,
         )
+
+    def _stop_ids_for_workers(self, eos_token_id: int | Sequence[int] | None) -> list[int] | None:
+        if self.min_tokens:
+            return self.all_stop_token_ids(eos_token_id)
+        return list(self.stop_token_ids) if self.stop_token_ids else None
 
     # ---- checks -------------------------------------------------------------------
 

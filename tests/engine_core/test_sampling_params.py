@@ -238,8 +238,11 @@ def test_to_options_of_a_plain_request_is_all_defaults():
     assert msgspec.msgpack.encode(options) == msgspec.msgpack.encode(SamplingOptions())
 
 
-def test_to_options_stop_ids_only_with_min_tokens_and_eos_only_without_ignore_eos():
-    assert SamplingParams(stop_token_ids=[9]).to_options(eos_token_id=2).stop_token_ids is None
+def test_to_options_stop_ids_and_eos_only_with_min_tokens_and_without_ignore_eos():
+    # the engine core stops on stop_token_ids; EOS it knows apart (eos_token_ids)
+    assert SamplingParams(stop_token_ids=[9]).to_options(eos_token_id=2).stop_token_ids == [9]
+    with_min = SamplingParams(min_tokens=1, stop_token_ids=[9])
+    assert with_min.to_options(eos_token_id=2).stop_token_ids == [9, 2]
     ignored = SamplingParams(min_tokens=1, ignore_eos=True, stop_token_ids=[9])
     assert ignored.to_options(eos_token_id=2).stop_token_ids == [9]
 
