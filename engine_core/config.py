@@ -66,6 +66,7 @@ from engine_core.args import (
     parse_mm_limits,
     parse_optional_str,
 )
+from engine_core.gguf_config import gguf_hf_config
 from engine_core.models_alias import AliasNotInstalledError, is_alias, resolve_alias
 from executor.config import (
     ArgumentError,
@@ -606,18 +607,13 @@ def load_hf_config(files: ModelFiles, flag: str, name: str) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=8)
 def _read_hf_config(path: str, is_gguf: bool, mtime_ns: int) -> dict[str, Any]:
-    # Cached per file version: reading a GGUF's metadata takes seconds, and tests
-    # and the offline LLM may resolve the same model many times in one process.
+    # Cached per file version: tests and the offline LLM may resolve the same model
+    # many times in one process. A GGUF's config is also cached on disk (gguf_config.py).
+    if is_gguf:
+        return gguf_hf_config(path)
     from transformers import AutoConfig
 
-    if is_gguf:
-        gguf = Path(path)
-        config = AutoConfig.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, local_files_only=True
-        )
-    else:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-    return _plain(config.to_dict())
+    return _plain(AutoConfig.from_pretrained(path, local_files_only=True).to_dict())
 
 
 def _plain(value: Any) -> Any:

@@ -26,6 +26,7 @@ import torch
 from executor.config import EngineConfig
 from executor.cuda_graphs import DecodeGraphs, capture_sizes
 from executor.forward_context import AttentionMetadata, ForwardContext, forward_context
+from executor.layers import graph_breaks
 from executor.loader import torch_dtype
 from executor.loader.kv_scales import attention_layers
 from executor.messages import Logprobs, NewRequest, SamplingOptions, StepInput, StepOutput
@@ -329,4 +330,5 @@ def compile_model(model: Any) -> None:
     Shapes are dynamic: one compile serves every number of tokens (batch size 1 is
     specialized once). CUDA graphs, when on, capture the compiled code.
     """
+    graph_breaks.apply()
     model.forward = torch.compile(model.forward, dynamic=True)

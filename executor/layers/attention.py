@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from executor.forward_context import get_forward_context
+from executor.layers.graph_breaks import eager_under_compile
 from kernels.attention import paged_attention
 from kernels.kv_write import write_kv
 
@@ -61,7 +62,7 @@ class Attention(nn.Module):
     # Under torch.compile (-O) the model is compiled piecewise: attention is the break
     # between pieces. It reads the step's metadata from the forward context, which
     # changes every step; traced, it would recompile every step.
-    @torch.compiler.disable
+    @eager_under_compile
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if get_forward_context().attn is None:
             return self._attend_one_sequence(q, k, v)

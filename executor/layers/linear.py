@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from executor.layers.graph_breaks import eager_under_compile
 from executor.layers.heads import HeadLayout, head_layout
 
 
@@ -33,14 +34,14 @@ class TPGroup:
     group: Any = None  # torch.distributed ProcessGroup when size > 1
 
     # Collectives stay outside torch.compile'd graphs (-O): a graph break, run eagerly.
-    @torch.compiler.disable
+    @eager_under_compile
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size == 1:
             return x
         torch.distributed.all_reduce(x, group=self.group)
         return x
 
-    @torch.compiler.disable
+    @eager_under_compile
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         if self.size == 1:
             return x

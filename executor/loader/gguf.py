@@ -10,12 +10,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import gguf
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from executor.loader.gguf_file import GGUFFile, GGUFTensor
 
 # Architectures whose q/k rows llama.cpp permuted at conversion.
 PERMUTED_QK_ARCHS = ("llama", "mistral")
@@ -55,12 +56,6 @@ def hf_name(gguf_name: str) -> str:
     raise ValueError(f"GGUF tensor {gguf_name!r} has no known HF name")
 
 
-def field_value(reader: gguf.GGUFReader, key: str) -> Any:
-    """A metadata value of the GGUF file, or None when absent."""
-    field = reader.fields.get(key)
-    return None if field is None else field.contents()
-
-
 def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Undo llama.cpp's q/k row order: per head [pair, half] back to HF's [half, pair]."""
     rows = weight.shape[0]
@@ -68,7 +63,7 @@ def unpermute_qk(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w.transpose(1, 2).reshape(weight.shape)
 
 
-def _dequantized(tensor: Any) -> torch.Tensor:
+def _dequantized(tensor: GGUFTensor) -> torch.Tensor:
     data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)  # numpy, HF [out, in] order
     if not data.flags.writeable:  # F32/F16 tensors come back as views of the memory map
         data = data.copy()
@@ -79,10 +74,10 @@ def iter_gguf(
     path: str | Path, use_tqdm: bool = True, keep: Callable[[str], bool] | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, float32 tensor) for every weight of a GGUF file (that `keep` accepts)."""
-    reader = gguf.GGUFReader(str(path))
-    arch = field_value(reader, "general.architecture")
-    num_heads = field_value(reader, f"{arch}.attention.head_count")
-    num_kv_heads = field_value(reader, f"{arch}.attention.head_count_kv") or num_heads
+    reader = GGUFFile(path)
+    arch = reader.fields.get("general.architecture")
+    num_heads = int(reader.fields.get(f"{arch}.attention.head_count", 0))
+    num_kv_heads = int(reader.fields.get(f"{arch}.attention.head_count_kv") or num_heads)
     permuted = arch in PERMUTED_QK_ARCHS
     for tensor in tqdm(reader.tensors, desc="Loading GGUF", unit="tensor", disable=not use_tqdm):
         if tensor.name in _SKIPPED:
