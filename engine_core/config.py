@@ -394,8 +394,10 @@ RULES: dict[str, Rule] = {
     "scheduling_policy": _works(),
     "scheduler_cls": _refused("custom scheduler classes are not supported"),
     "max_logprobs": _works(check=_non_negative),
-    "disable_async_output_proc": _refused(
-        "outputs are always processed in the API server process, apart from the engine loop"
+    "disable_async_output_proc": _works(
+        "turns off async scheduling: the engine core then waits for each step's output "
+        "before it schedules the next (otherwise, with the mp executor, step N+1 is "
+        "scheduled and sent while step N runs)"
     ),
     "disable_cascade_attn": _works("this build has no cascade attention to disable"),
     "disable_chunked_mm_input": _refused(_NO_MM),
@@ -862,6 +864,7 @@ def resolve_scheduler(args: EngineArgs, max_model_len: int, device: str) -> Sche
         num_scheduler_steps=args.num_scheduler_steps,
         num_lookahead_slots=args.num_lookahead_slots,
         scheduler_cls=args.scheduler_cls,
+        async_scheduling=not args.disable_async_output_proc,
     )
 
 

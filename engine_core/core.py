@@ -8,6 +8,12 @@ micro-batches (each from requests not already in flight) until PP are in flight 
 nothing more can be scheduled, then waits for the oldest, updates the scheduler with
 it and returns its outputs. The next step refills the pipeline from the requests
 that came back. Outputs come back in submission order (see executor/mp.py).
+
+Async scheduling (PP = 1, the default with an executor whose `submit` returns at
+once, i.e. mp) is the same loop with two steps in flight: step N+1 is scheduled and
+sent while step N runs, so the worker finds its next step waiting instead of idling
+through the engine core's update and schedule. `--disable-async-output-proc` turns
+it off. See engine_core/scheduler/scheduler.py for what the scheduler assumes.
 """
 
 from __future__ import annotations
@@ -49,8 +55,11 @@ class EngineCore:
             cache.prefix_caching_hash_algo,
             config.model.max_model_len,
         )
-        self.pipeline_depth = config.parallel.pipeline_parallel_size
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.pipeline_depth)
+        pp = config.parallel.pipeline_parallel_size
+        overlap = pp == 1 and config.scheduler.async_scheduling and self.executor.overlaps_steps
+        # steps in flight at once: a micro-batch per stage, or two with async scheduling
+        self.pipeline_depth = 2 if overlap else pp
+        self.scheduler = Scheduler(config.scheduler, self.kv, pp, async_scheduling=overlap)
         self.in_flight: deque[StepInput] = deque()  # submitted, not yet collected (PP > 1)
         logger.info(
             "engine ready in %.1f s: %d KV blocks of %d tokens",
@@ -111,6 +120,10 @@ class EngineCore:
             return EngineCoreOutputs([], self.scheduler.stats(), time.time())
         step_output = self.executor.execute(step_input)
         return self._update(step_input, step_output)
+
+    @property
+    def async_scheduling(self) -> bool:
+        return self.scheduler.async_scheduling
 
     def _pipelined_step(self) -> EngineCoreOutputs:
         while len(self.in_flight) < self.pipeline_depth:

@@ -35,6 +35,8 @@ class Request:
         "finish_reason",
         "stop_reason",
         "num_preemptions",
+        "num_in_flight",
+        "num_pending_tokens",
     )
 
     def __init__(
@@ -64,6 +66,10 @@ class Request:
         self.finish_reason: FinishReason | None = None
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
+        # steps scheduled with this request whose outputs are not back yet, and the
+        # tokens those steps sample (unknown here until they come back)
+        self.num_in_flight = 0
+        self.num_pending_tokens = 0
 
     @classmethod
     def from_message(cls, msg: EngineCoreRequest) -> Request:

@@ -11,6 +11,10 @@ from executor.messages import StepInput, StepOutput
 
 
 class Executor(ABC):
+    # True when submit() only starts a step, so the engine core may schedule the next
+    # one meanwhile (async scheduling); False where submit() runs the step itself.
+    overlaps_steps = False
+
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self._done: deque[StepOutput] = deque()  # outputs of submitted steps, oldest first

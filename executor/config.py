@@ -121,6 +121,8 @@ class SchedulerConfig(_Frozen, frozen=True, kw_only=True, forbid_unknown_fields=
     num_scheduler_steps: int = 1
     num_lookahead_slots: int = 0
     scheduler_cls: str = ""
+    # schedule step N+1 while step N runs (off: --disable-async-output-proc)
+    async_scheduling: bool = True
 
 
 class DeviceConfig(_Frozen, frozen=True, kw_only=True, forbid_unknown_fields=True):

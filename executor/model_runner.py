@@ -12,6 +12,15 @@ the tokens, one before the last sends its own on, and only the last samples. No
 stage keeps its own samples then: the engine core sends them back with the next
 step that schedules the request (`RunningRequest.new_token_ids`), so every stage
 holds the same tokens.
+
+A step runs in two halves, `launch` (batch, forward and sampling queued on the
+device; the sampled ids start their copy to the host) and `finish` (wait for that
+copy, append the tokens, build the StepOutput); `execute` is both. The mp worker
+launches step N+1 before it finishes step N, so that the device never waits for
+the host between steps: a request of step N+1 whose last token step N sampled gets
+it on the device (`RequestState.pending`), never through the host. Where sampling
+needs a request's output so far (penalties, bad words, min_tokens), the previous
+step is finished first.
 """
 
 from __future__ import annotations
@@ -31,7 +40,13 @@ from executor.loader import torch_dtype
 from executor.loader.kv_scales import attention_layers
 from executor.messages import Logprobs, NewRequest, SamplingOptions, StepInput, StepOutput
 from executor.pipeline import get_pp_group
-from executor.sampler import Sampler, SamplingBatch, compute_prompt_logprobs
+from executor.sampler import (
+    LogprobsTensors,
+    Sampler,
+    SamplingBatch,
+    compute_prompt_logprobs,
+    reads_output_ids,
+)
 
 
 @dataclass
@@ -44,6 +59,10 @@ class RequestState:
     sampling: SamplingOptions
     generator: torch.Generator | None = None
     prompt_logprob_rows: list = field(default_factory=list)
+    # Tokens sampled by launched, unfinished steps (PP = 1), and where the latest of
+    # them lies on the device: (that step's sampled ids, this request's row).
+    num_pending: int = 0
+    pending: tuple[torch.Tensor, int] | None = None
 
     @property
     def output_ids(self) -> list[int]:
@@ -58,6 +77,25 @@ class _Batch:
     num_tokens: list[int]  # tokens computed per request this step
     sample_rows: list[int]  # indices into states of the requests that sample
     logits_index: list[int]  # the flat token index of each sampling row's last token
+
+
+@dataclass
+class Launched:
+    """A step queued on the device; `ModelRunner.finish` turns it into its StepOutput."""
+
+    step: StepInput
+    batch: _Batch | None = None
+    sample_states: list[RequestState] = field(default_factory=list)
+    sampled: torch.Tensor | None = None  # [S] on the device
+    sampled_host: torch.Tensor | None = None  # [S], its copy (in flight on CUDA)
+    logprobs_host: LogprobsTensors | None = None
+    prompt_logprobs: dict[str, Logprobs] = field(default_factory=dict)
+    copied: torch.cuda.Event | None = None  # recorded after the copies to the host
+    output: StepOutput | None = None  # set once finished
+
+    def ready(self) -> bool:
+        """Whether finish() would not wait."""
+        return self.output is not None or self.copied is None or self.copied.query()
 
 
 class ModelRunner:
@@ -79,6 +117,7 @@ class ModelRunner:
         self.execute_time_s = 0.0  # whole steps: inputs, forward, logits, sampling, outputs
         self.num_steps = 0
         self._capture_after_first_step = False
+        self._last: Launched | None = None  # the latest launched step
         if config.cache.calculate_kv_scales:
             for layer in attention_layers(model):
                 layer.calculate_scales = True
@@ -163,7 +202,7 @@ class ModelRunner:
         offset = 0
         for rid, n in step.num_scheduled_tokens.items():
             state = self.requests[rid]
-            if state.num_computed_tokens + n >= len(state.token_ids):
+            if state.num_computed_tokens + n >= len(state.token_ids) + state.num_pending:
                 sample_rows.append(len(states))
                 logits_index.append(offset + n - 1)
             states.append(state)
@@ -186,9 +225,14 @@ class ModelRunner:
         max_blocks = max(len(s.block_ids) for s in batch.states)
         tables = np.zeros((len(batch.states), max_blocks), dtype=np.int32)
         offsets = np.cumsum(counts) - counts
+        from_device: list[tuple[int, tuple[torch.Tensor, int]]] = []  # (flat index, source)
         for i, s in enumerate(batch.states):
-            a = offsets[i]
-            input_ids[a : a + counts[i]] = s.token_ids[starts[i] : seq_lens[i]]
+            a, end = offsets[i], seq_lens[i]
+            known = min(end, len(s.token_ids))
+            input_ids[a : a + known - starts[i]] = s.token_ids[starts[i] : known]
+            if end > known:  # the last input is the token the previous step sampled
+                assert end == known + 1 and s.num_pending == 1 and s.pending is not None
+                from_device.append((a + counts[i] - 1, s.pending))
             tables[i, : len(s.block_ids)] = s.block_ids
         row = np.repeat(np.arange(len(batch.states)), counts)
         slots = tables[row, positions // bs].astype(np.int64) * bs + positions % bs
@@ -204,26 +248,51 @@ class ModelRunner:
             query_start_loc_cpu=qsl.tolist(),
             seq_lens_cpu=seq_lens.tolist(),
         )
-        return self._to_device(input_ids), self._to_device(positions), attn
+        input_ids_dev = self._to_device(input_ids)
+        if from_device:
+            self._fill_from_device(input_ids_dev, from_device)
+        return input_ids_dev, self._to_device(positions), attn
+
+    def _fill_from_device(
+        self, input_ids: torch.Tensor, sources: list[tuple[int, tuple[torch.Tensor, int]]]
+    ) -> None:
+        """input_ids[i] = the token a launched step sampled, without a host round trip."""
+        sampled = sources[0][1][0]
+        assert all(src is sampled for _, (src, _) in sources), "pending tokens of two steps"
+        index = np.array([[i, row] for i, (_, row) in sources], dtype=np.int64)  # [P, 2]
+        index_dev = self._to_device(index)
+        input_ids[index_dev[:, 0]] = sampled[index_dev[:, 1]]
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(a)
         return t.to(self.device, non_blocking=True) if self.device.type != "cpu" else t
 
     # ---- execute -----------------------------------------------------------------
-    @torch.inference_mode()
     def execute(self, step: StepInput) -> StepOutput:
+        return self.finish(self.launch(step))
+
+    @torch.inference_mode()
+    def launch(self, step: StepInput) -> Launched:
         t0 = time.perf_counter()
         try:
-            return self._execute(step)
+            return self._launch(step)
         finally:
             self.execute_time_s += time.perf_counter() - t0
 
-    def _execute(self, step: StepInput) -> StepOutput:
+    def finish(self, launched: Launched) -> StepOutput:
+        if launched.output is None:
+            t0 = time.perf_counter()
+            launched.output = self._finish(launched)
+            self.execute_time_s += time.perf_counter() - t0
+        return launched.output
+
+    def _launch(self, step: StepInput) -> Launched:
         self._apply_step(step)
         if not step.num_scheduled_tokens:
-            return StepOutput(step.step_id)
+            return Launched(step, output=StepOutput(step.step_id))
         batch = self._plan_batch(step)
+        if self._last is not None and self._needs_outputs_so_far(batch):
+            self.finish(self._last)
         input_ids, positions, attn = self._prepare_inputs(batch)
         t0 = time.perf_counter()
         hidden = self._forward(input_ids, positions, attn)  # [T, hidden]
@@ -232,13 +301,35 @@ class ModelRunner:
         self.num_steps += 1
         if not self.pp.is_last:
             self._advance(batch)
-            return StepOutput(step.step_id)  # the last stage answers
-        prompt_lps = self._prompt_logprobs(batch, hidden)
-        sampled, logprobs = self._sample(batch, hidden)
+            return Launched(step, output=StepOutput(step.step_id))  # the last stage answers
+        launched = Launched(step, batch, prompt_logprobs=self._prompt_logprobs(batch, hidden))
+        self._sample(launched, hidden)
+        self._advance(batch)
         if self._capture_after_first_step:
             self._capture_after_first_step = False
             self.capture_cuda_graphs()
-        return self._make_output(step, batch, sampled, logprobs, prompt_lps)
+        self._last = launched
+        return launched
+
+    def _needs_outputs_so_far(self, batch: _Batch) -> bool:
+        """Whether a request with a token still on the device samples with its outputs."""
+        return any(s.num_pending and reads_output_ids(s.sampling) for s in batch.states)
+
+    def _finish(self, launched: Launched) -> StepOutput:
+        if launched.copied is not None:
+            launched.copied.synchronize()
+        tokens: list[int] = []
+        if launched.sampled_host is not None:
+            tokens = launched.sampled_host.tolist()
+        states = launched.sample_states
+        if self.pp.size == 1:  # with PP the engine core sends them back (see the top)
+            for s, tok in zip(states, tokens, strict=True):
+                s.token_ids.append(tok)
+                s.num_pending -= 1
+        if self._last is launched:
+            self._last = None
+        logprobs = self._logprobs_by_request(states, launched.logprobs_host)
+        return self._make_output(launched, tokens, logprobs)
 
     def _forward(self, input_ids, positions, attn: AttentionMetadata) -> Any:
         """[T, hidden] on the last stage; a stage before it returns what it sent on."""
@@ -256,9 +347,12 @@ class ModelRunner:
             self.pp.send(out)
         return out
 
-    def _sample(self, batch: _Batch, hidden: torch.Tensor):
+    def _sample(self, launched: Launched, hidden: torch.Tensor) -> None:
+        """Queue the sampling and the copies of its results to the host."""
+        batch = launched.batch
+        assert batch is not None
         if not batch.sample_rows:
-            return [], {}
+            return
         idx = torch.tensor(batch.logits_index, device=hidden.device)
         logits = self.model.compute_logits(hidden[idx])  # [S, V] float32
         states = [batch.states[i] for i in batch.sample_rows]
@@ -271,16 +365,25 @@ class ModelRunner:
             logits.device,
         )
         out = self.sampler(logits, sbatch)
-        tokens = out.token_ids.tolist()
-        if self.pp.size == 1:  # with PP the engine core sends them back (see the top)
-            for s, tok in zip(states, tokens, strict=True):
-                s.token_ids.append(tok)
-        return tokens, self._logprobs_by_request(states, out)
+        launched.sample_states = states
+        launched.sampled = out.token_ids
+        launched.sampled_host = _to_host(out.token_ids)
+        if out.logprobs is not None:
+            launched.logprobs_host = LogprobsTensors(*(_to_host(t) for t in out.logprobs))
+        if out.token_ids.is_cuda:
+            launched.copied = torch.cuda.Event()
+            launched.copied.record()
+        if self.pp.size == 1:
+            for row, s in enumerate(states):
+                s.num_pending += 1
+                s.pending = (out.token_ids, row)
 
-    def _logprobs_by_request(self, states: list[RequestState], out) -> dict[str, Logprobs]:
-        if out.logprobs is None:
+    def _logprobs_by_request(
+        self, states: list[RequestState], logprobs: LogprobsTensors | None
+    ) -> dict[str, Logprobs]:
+        if logprobs is None:
             return {}
-        ids, vals, ranks = (t.tolist() for t in out.logprobs)
+        ids, vals, ranks = (t.tolist() for t in logprobs)
         result = {}
         for i, s in enumerate(states):
             k = s.sampling.logprobs
@@ -303,23 +406,32 @@ class ModelRunner:
             offset += n
         return result
 
-    def _make_output(self, step, batch, sampled, logprobs, prompt_lps) -> StepOutput:
+    @staticmethod
+    def _make_output(
+        launched: Launched, sampled: list[int], logprobs: dict[str, Logprobs]
+    ) -> StepOutput:
+        batch = launched.batch
+        assert batch is not None
         per_row: list[list[int]] = [[] for _ in batch.states]
         for row, tok in zip(batch.sample_rows, sampled, strict=True):
             per_row[row] = [tok]
-        self._advance(batch)
         return StepOutput(
-            step.step_id,
+            launched.step.step_id,
             [s.req_id for s in batch.states],
             per_row,
             logprobs,
-            prompt_lps,
+            launched.prompt_logprobs,
         )
 
     @staticmethod
     def _advance(batch: _Batch) -> None:
         for s, n in zip(batch.states, batch.num_tokens, strict=True):
             s.num_computed_tokens += n
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of a device tensor, started without waiting (pinned memory on CUDA)."""
+    return t.to("cpu", non_blocking=True) if t.is_cuda else t
 
 
 def compile_model(model: Any) -> None:

@@ -50,6 +50,7 @@ class WorkerDiedError(RuntimeError):
 
 
 class MpExecutor(Executor):
+    overlaps_steps = True
     on_worker_death: Callable[[str], None] | None = None
 
     def initialize(self) -> int:

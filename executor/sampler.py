@@ -295,6 +295,11 @@ def _build_banned(
     return torch.tensor(rows).to(device), torch.tensor(ids).to(device)
 
 
+def reads_output_ids(o: SamplingOptions) -> bool:
+    """Whether sampling this row reads its output so far (penalties, bad words, min_tokens)."""
+    return _has_penalty(o) or _may_ban(o)
+
+
 def _may_ban(o: SamplingOptions) -> bool:
     return bool(o.bad_words_token_ids) or (o.min_tokens > 0 and bool(o.stop_token_ids))
 

@@ -11,7 +11,7 @@ import torch
 
 from executor.config import ArgumentError, EngineConfig, ParallelConfig
 from executor.messages import StepInput, StepOutput
-from executor.model_runner import ModelRunner
+from executor.model_runner import Launched, ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +112,27 @@ class Worker:
     def execute(self, step: StepInput) -> StepOutput:
         assert self.runner is not None
         return self.runner.execute(step)
+
+    def launch(self, step: StepInput) -> Launched:
+        """Queue the step on the device; `finish` gives its output (see model_runner.py)."""
+        assert self.runner is not None
+        return self.runner.launch(step)
+
+    def finish(self, launched: Launched) -> StepOutput:
+        assert self.runner is not None
+        return self.runner.finish(launched)
+
+    @property
+    def overlaps_steps(self) -> bool:
+        """Whether the worker process may launch a step before it finishes the previous.
+
+        Only on CUDA, where a launch returns at once: on the CPU the forward runs in the
+        launch, so answering after the next launch would only delay each output by a
+        step. Not with PP (the stages take the sampled tokens from the engine core), nor
+        for a --worker-cls that overrides execute (it would be bypassed).
+        """
+        pp = self.config.parallel.pipeline_parallel_size
+        return self.device.type == "cuda" and pp == 1 and type(self).execute is Worker.execute
 
     @property
     def answers_steps(self) -> bool:

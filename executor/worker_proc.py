@@ -93,20 +93,73 @@ def _start_worker(
 
 
 def _serve(worker: Any, rank: int, sub: Receiver, results: Sender) -> None:
+    """Serve broadcast messages until shutdown.
+
+    A step is launched (queued on the device) and answered once the next message has
+    come and been launched, or once the device is done with it and no message came:
+    the device then never waits for the host between steps (the engine core keeps the
+    next step queued here; see executor/model_runner.py).
+    """
+    pending: Any = None  # the launched step not answered yet
+    overlap = getattr(worker, "overlaps_steps", False)
     while True:
+        if pending is not None and not _next_message_or_done(sub, pending):
+            _answer(worker, results, _finish(worker, pending))
+            pending = None
         try:
             msg = sub.recv()
         except msgspec.DecodeError:
             logger.exception("malformed message dropped")
             continue
+        if isinstance(msg, StepInput) and overlap:
+            launched = _launch(worker, msg)
+            if pending is not None:
+                _answer(worker, results, _finish(worker, pending))
+            pending = launched
+            continue
+        if pending is not None:  # everything else waits for the step before it
+            _answer(worker, results, _finish(worker, pending))
+            pending = None
         if isinstance(msg, StepInput):
-            out = run_step(worker, msg)
-            if worker.answers_steps or out.error is not None:
-                results.send(out)
+            _answer(worker, results, run_step(worker, msg))
         elif isinstance(msg, WorkerRpc):
             results.send(run_rpc(worker, rank, msg))
         elif isinstance(msg, WorkerShutdown):
             return
+
+
+def _next_message_or_done(sub: Receiver, launched: Any) -> bool:
+    """Wait until a message is there (True) or the launched step is done (False)."""
+    if isinstance(launched, StepOutput):
+        return False  # it failed to launch: nothing to wait for
+    while not launched.ready():
+        if sub.sock.poll(0):
+            return True
+    return bool(sub.sock.poll(0))
+
+
+def _launch(worker: Any, step: StepInput) -> Any:
+    """The launched step, or its error output when it could not be launched."""
+    try:
+        return worker.launch(step)
+    except Exception:
+        logger.exception("step %d failed", step.step_id)
+        return StepOutput(step.step_id, error=traceback.format_exc())
+
+
+def _finish(worker: Any, launched: Any) -> StepOutput:
+    if isinstance(launched, StepOutput):
+        return launched
+    try:
+        return worker.finish(launched)
+    except Exception:
+        logger.exception("step %d failed", launched.step.step_id)
+        return StepOutput(launched.step.step_id, error=traceback.format_exc())
+
+
+def _answer(worker: Any, results: Sender, out: StepOutput) -> None:
+    if worker.answers_steps or out.error is not None:
+        results.send(out)
 
 
 def run_step(worker: Any, step: StepInput) -> StepOutput:

@@ -16,6 +16,16 @@ flight and never preempts one, and each micro-batch takes at most 1/PP of the
 requests, so that the next one has requests left to run. The workers' last stage
 samples without keeping the tokens; the step that next schedules a request carries
 them (`RunningRequest.new_token_ids`).
+
+With async scheduling (PP = 1, `async_scheduling`) the engine core schedules step
+N+1 while step N runs, so the requests of step N are in flight when N+1 is planned.
+There a request may be in two steps at once: each step that samples for it leaves
+one pending token (`Request.num_pending_tokens`), which the worker knows and the
+scheduler does not yet; the next step computes it. A request whose pending tokens
+reach max_tokens or the model length is not scheduled again; one that stops on EOS
+or a stop token wastes the one step behind it, whose output is dropped. Requests
+in flight are never preempted: when blocks run out and every candidate is in
+flight, the request waits for the next step.
 """
 
 from __future__ import annotations
@@ -61,13 +71,18 @@ class _StepPlan:
 
 class Scheduler:
     def __init__(
-        self, config: SchedulerConfig, kv: KVCacheManager, pipeline_parallel_size: int = 1
+        self,
+        config: SchedulerConfig,
+        kv: KVCacheManager,
+        pipeline_parallel_size: int = 1,
+        async_scheduling: bool = False,
     ) -> None:
         self.config = config
         self.kv = kv
         self.pipeline_parallel_size = pipeline_parallel_size
-        # requests of the steps scheduled and not yet updated (only ever one with PP = 1)
-        self._in_flight: dict[str, Request] = {}
+        self.async_scheduling = async_scheduling and pipeline_parallel_size == 1
+        # step id -> the requests of that step, for the steps scheduled and not yet updated
+        self._in_flight: dict[int, dict[str, Request]] = {}
         # PP > 1: how many of a request's tokens the workers hold
         self._worker_num_tokens: dict[str, int] = {}
         self.waiting = make_queue(config.policy)
@@ -125,8 +140,10 @@ class Scheduler:
         for req in list(self.running):
             if plan.budget <= 0 or len(plan.tokens) >= plan.max_seqs:
                 break
-            if req.status != RequestStatus.RUNNING or req.request_id in self._in_flight:
-                continue  # preempted earlier in this loop, or its step is not back yet
+            if req.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            if req.num_in_flight and not self.async_scheduling:
+                continue  # PP: its step is not back yet
             n = self._num_new_tokens(req, plan.budget)
             if n == 0:
                 continue
@@ -140,14 +157,19 @@ class Scheduler:
             if blocks is not None:
                 return blocks
             victim = self._pick_victim()
+            if victim is None:
+                return None  # all in flight (async scheduling): it waits for a step back
             self._preempt(victim, plan)
             if victim is req:
                 return None
 
-    def _pick_victim(self) -> Request:
+    def _pick_victim(self) -> Request | None:
         # Never one in flight: its step would come back for a request already reset.
-        # The request asking for blocks is not in flight, so there is always a candidate.
+        # Without async scheduling the request asking for blocks is not in flight, so
+        # there is always a candidate.
         candidates = self._preemptible()
+        if not candidates:
+            return None
         if self.config.policy == "priority":
             return max(candidates, key=Request.sort_key)
         return candidates[-1]  # the latest arrival among the running
@@ -155,7 +177,7 @@ class Scheduler:
     def _preemptible(self) -> list[Request]:
         if not self._in_flight:
             return self.running
-        return [r for r in self.running if r.request_id not in self._in_flight]
+        return [r for r in self.running if not r.num_in_flight]
 
     def _preempt(self, req: Request, plan: _StepPlan) -> None:
         plan.undo(req)
@@ -254,12 +276,22 @@ class Scheduler:
                 return _Admit.SKIP  # a shorter prompt behind it may still start
         return _Admit.YES
 
+    def _ends_in_flight(self, req: Request) -> bool:
+        """Whether the pending tokens already reach max_tokens or the model length."""
+        pending = req.num_pending_tokens
+        return (
+            req.num_output_tokens + pending >= req.max_tokens
+            or req.num_tokens + pending >= self.config.max_model_len
+        )
+
     def _is_long(self, req: Request) -> bool:
         threshold = self.config.long_prefill_token_threshold
         return threshold > 0 and req.num_prompt_tokens > threshold
 
     def _num_new_tokens(self, req: Request, budget: int) -> int:
-        n = min(req.num_tokens - req.num_computed_tokens, budget)
+        if req.num_pending_tokens and self._ends_in_flight(req):
+            return 0
+        n = min(req.num_tokens + req.num_pending_tokens - req.num_computed_tokens, budget)
         threshold = self.config.long_prefill_token_threshold
         if 0 < threshold < n:
             n = threshold
@@ -268,6 +300,7 @@ class Scheduler:
     def _build_step_input(self, plan: _StepPlan) -> StepInput:
         self._step_id += 1
         new, running = [], []
+        stepped: dict[str, Request] = {}
         for rid, n in plan.tokens.items():
             req = self.requests[rid]
             blocks = plan.new_blocks[rid]
@@ -276,8 +309,14 @@ class Scheduler:
                 new.append(self._new_request_msg(req))
             else:
                 running.append(self._running_msg(req, blocks))
+            # the workers sample when the step computes every token they know
+            if req.num_computed_tokens + n >= req.num_tokens + req.num_pending_tokens:
+                req.num_pending_tokens += 1
             req.num_computed_tokens += n
-            self._in_flight[rid] = req
+            req.num_in_flight += 1
+            stepped[rid] = req
+        if stepped:
+            self._in_flight[self._step_id] = stepped
         # an empty step is not sent: finished ids wait for one that is
         finished: list[str] = []
         if plan.tokens:
@@ -322,13 +361,16 @@ class Scheduler:
     # ---- update ------------------------------------------------------------------
     def update(self, step: StepInput, out: StepOutput) -> list[EngineCoreOutput]:
         # the step's own Request objects: an id aborted and reused meanwhile is another
-        stepped = {rid: self._in_flight.pop(rid, None) for rid in step.num_scheduled_tokens}
+        stepped = self._in_flight.pop(step.step_id, {})
+        for stepped_req in stepped.values():
+            stepped_req.num_in_flight -= 1
         outputs = []
         for i, rid in enumerate(out.req_ids):
             req = stepped.get(rid)
             if req is None or req.is_finished:
                 continue  # aborted while the step ran
             sampled = out.sampled[i]
+            req.num_pending_tokens -= len(sampled)
             prompt_lp = out.prompt_logprobs.get(rid)
             if not sampled and prompt_lp is None:
                 continue

@@ -54,3 +54,12 @@ class ProcessId:
 
     def process_id(self) -> int:
         return os.getpid()
+
+
+class OverlappingWorker(Worker):
+    """--worker-cls: launches step N+1 before answering step N on the CPU too, as the
+    worker process does on CUDA (so that CPU tests exercise that path)."""
+
+    @property
+    def overlaps_steps(self) -> bool:
+        return self.config.parallel.pipeline_parallel_size == 1
