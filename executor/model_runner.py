@@ -47,6 +47,7 @@ from executor.sampler import (
     compute_prompt_logprobs,
     reads_output_ids,
 )
+from executor.transfer import to_device
 
 
 @dataclass
@@ -264,8 +265,7 @@ class ModelRunner:
         input_ids[index_dev[:, 0]] = sampled[index_dev[:, 1]]
 
     def _to_device(self, a: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(a)
-        return t.to(self.device, non_blocking=True) if self.device.type != "cpu" else t
+        return to_device(torch.from_numpy(a), self.device)
 
     # ---- execute -----------------------------------------------------------------
     def execute(self, step: StepInput) -> StepOutput:
@@ -353,7 +353,7 @@ class ModelRunner:
         assert batch is not None
         if not batch.sample_rows:
             return
-        idx = torch.tensor(batch.logits_index, device=hidden.device)
+        idx = self._to_device(np.array(batch.logits_index, dtype=np.int64))
         logits = self.model.compute_logits(hidden[idx])  # [S, V] float32
         states = [batch.states[i] for i in batch.sample_rows]
         sbatch = SamplingBatch.build(

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from executor.messages import Logprobs, SamplingOptions
+from executor.transfer import to_device
 
 # Below this temperature a row is greedy (matches engine_core.sampling_params).
 GREEDY_EPS = 1e-5
@@ -133,7 +134,7 @@ class SamplingBatch:
         if not all_greedy:
             batch._set_random_params(options, greedy, generators, device)
         if not all_greedy and not all_random:
-            batch.greedy = torch.tensor(greedy, dtype=torch.bool).to(device)
+            batch.greedy = to_device(torch.tensor(greedy, dtype=torch.bool), device)
         batch.penalties = _build_penalties(options, prompt_ids, output_ids, vocab_size, device)
         batch.logit_bias = _build_logit_bias(options, device)
         batch.allowed = _build_allowed(options, vocab_size, device)
@@ -155,10 +156,12 @@ class SamplingBatch:
         ]
         temperature, top_k, top_p, min_p = (list(column) for column in zip(*rows, strict=True))
         # One host-to-device copy for the three float columns.
-        params = torch.tensor([temperature, top_p, min_p], dtype=torch.float32).to(device)  # [3, S]
+        params = to_device(
+            torch.tensor([temperature, top_p, min_p], dtype=torch.float32), device
+        )  # [3, S]
         self.temperature = params[0].unsqueeze(1)
         if any(k < vocab for k in top_k):
-            self.top_k = torch.tensor(top_k, dtype=torch.int64).to(device)
+            self.top_k = to_device(torch.tensor(top_k, dtype=torch.int64), device)
             self.max_top_k = max(k for k in top_k if k < vocab)
         if any(p < 1.0 for p in top_p):
             self.top_p = params[1].unsqueeze(1)
@@ -202,7 +205,7 @@ def _build_penalties(
         [options[i].presence_penalty, options[i].frequency_penalty, options[i].repetition_penalty]
         for i in rows
     ]
-    params = torch.tensor(values, dtype=torch.float32).to(device)  # [P, 3]
+    params = to_device(torch.tensor(values, dtype=torch.float32), device)  # [P, 3]
     outputs = [output_ids[i] for i in rows]
     counts = _token_counts(outputs, vocab_size, device)  # [P, V]
     seen = None
@@ -210,7 +213,7 @@ def _build_penalties(
         prompt_counts = _token_counts([prompt_ids[i] for i in rows], vocab_size, device)
         seen = (prompt_counts > 0) | (counts > 0)
     return Penalties(
-        rows=torch.tensor(rows, dtype=torch.int64).to(device),
+        rows=to_device(torch.tensor(rows, dtype=torch.int64), device),
         presence=params[:, 0:1],
         frequency=params[:, 1:2],
         repetition=params[:, 2:3],
@@ -228,10 +231,10 @@ def _token_counts(
     total = sum(lengths)
     counts = torch.zeros(num_rows * vocab_size, dtype=torch.float32, device=device)
     if total:
-        flat = torch.from_numpy(_flatten(token_lists, total)).to(device)  # [N]
+        flat = to_device(torch.from_numpy(_flatten(token_lists, total)), device)  # [N]
         row_of = torch.repeat_interleave(
             torch.arange(num_rows, device=device),
-            torch.tensor(lengths, dtype=torch.int64).to(device),
+            to_device(torch.tensor(lengths, dtype=torch.int64), device),
             output_size=total,  # known on the host: no device sync
         )  # [N]
         ones = torch.ones(total, dtype=torch.float32, device=device)
@@ -260,9 +263,9 @@ def _build_logit_bias(
     if not rows:
         return None
     return (
-        torch.tensor(rows, dtype=torch.int64).to(device),
-        torch.tensor(ids, dtype=torch.int64).to(device),
-        torch.tensor(values, dtype=torch.float32).to(device),
+        to_device(torch.tensor(rows, dtype=torch.int64), device),
+        to_device(torch.tensor(ids, dtype=torch.int64), device),
+        to_device(torch.tensor(values, dtype=torch.float32), device),
     )
 
 
@@ -275,8 +278,8 @@ def _build_allowed(
     local = [j for j, i in enumerate(rows) for _ in options[i].allowed_token_ids or []]
     ids = [t for i in rows for t in options[i].allowed_token_ids or []]
     mask = torch.zeros(len(rows), vocab_size, dtype=torch.bool, device=device)  # [A, V]
-    mask[torch.tensor(local).to(device), torch.tensor(ids).to(device)] = True
-    return torch.tensor(rows, dtype=torch.int64).to(device), mask
+    mask[to_device(torch.tensor(local), device), to_device(torch.tensor(ids), device)] = True
+    return to_device(torch.tensor(rows, dtype=torch.int64), device), mask
 
 
 def _build_banned(
@@ -292,7 +295,7 @@ def _build_banned(
         ids += banned
     if not rows:
         return None
-    return torch.tensor(rows).to(device), torch.tensor(ids).to(device)
+    return to_device(torch.tensor(rows), device), to_device(torch.tensor(ids), device)
 
 
 def reads_output_ids(o: SamplingOptions) -> bool:
