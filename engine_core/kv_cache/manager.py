@@ -157,8 +157,12 @@ class KVCacheManager:
         block ids appended to the request's table (maybe []), or None, changing
         nothing, when too few blocks are free.
         """
-        computed_blocks = computed_blocks or []
         table = self._tables.get(request.request_id)
+        if not computed_blocks and table is not None:
+            fits = self._fits_held_blocks(request, table, num_new_tokens)
+            if fits is not None:
+                return fits
+        computed_blocks = computed_blocks or []
         self._check_allocate_args(
             request, table, num_new_tokens, computed_blocks, num_computed_from_cache
         )
@@ -179,6 +183,20 @@ class KVCacheManager:
         if self.enable_prefix_caching:
             self._register_full_blocks(table, min(num_total, request.num_tokens))
         return new_block_ids
+
+    def _fits_held_blocks(
+        self, request: KVRequest, table: _Table, num_new_tokens: int
+    ) -> list[int] | None:
+        """The common decode case, kept cheap: the new tokens fit the blocks already held
+        ([]), or None when allocate_slots must take the general path."""
+        num_total = request.num_computed_tokens + num_new_tokens
+        if num_new_tokens < 0 or num_total > len(table.block_ids) * self.block_size:
+            return None
+        if self.max_model_len is not None and num_total > self.max_model_len:
+            return None  # the general path raises
+        if self.enable_prefix_caching:
+            self._register_full_blocks(table, min(num_total, request.num_tokens))
+        return []
 
     def free(self, request: KVRequest) -> None:
         """Release the request's blocks (finish, abort or preemption).
@@ -260,8 +278,10 @@ class KVCacheManager:
 
     def _register_full_blocks(self, table: _Table, num_known_tokens: int) -> None:
         """Hash and cache every block that the known, scheduled tokens fill."""
-        tokens: Sequence[int] = table.request.all_token_ids
         num_full = num_known_tokens // self.block_size
+        if num_full <= len(table.hashes):
+            return
+        tokens: Sequence[int] = table.request.all_token_ids
         for index in range(len(table.hashes), num_full):
             parent = table.hashes[-1] if table.hashes else None
             block_hash = self.cache.hash_block(parent, self.cache.block_tokens(tokens, index))

@@ -437,7 +437,6 @@ REFUSED_VALUES: dict[str, Any] = {
     "multi_step_stream_outputs": False,
     "preemption_mode": "swap",
     "scheduler_cls": "my.Scheduler",
-    "disable_async_output_proc": True,
     "disable_chunked_mm_input": True,
     "additional_config": {"a": 1},
     "quantization": "awq",
