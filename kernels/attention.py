@@ -224,7 +224,7 @@ def _attend_keys(
 
 
 @triton.jit(
-    do_not_specialize=["tiles_per_seq", "partition_size", "min_q_len", "max_q_len", "stride_bt"]
+    do_not_specialize=["tiles_per_seq", "min_q_len", "max_q_len", "stride_bt"]
 )
 def _paged_attention_kernel(
     q_ptr,
@@ -242,7 +242,6 @@ def _paged_attention_kernel(
     v_scale,
     sliding_window,
     tiles_per_seq,
-    partition_size,
     min_q_len,  # this launch skips sequences with fewer queries...
     max_q_len,  # ...or more
     stride_qt,
@@ -302,9 +301,12 @@ def _paged_attention_kernel(
         lo = tl.maximum(first_pos - sliding_window + 1, 0)
         full_lo = tl.maximum(hi - sliding_window, 0)
     if SPLIT:
+        # This sequence's own context cut evenly, not the launch's bound (a CUDA graph's
+        # max_seq_len): short contexts then keep every split busy instead of one.
         split = tl.program_id(2)
-        lo = tl.maximum(lo, split * partition_size)
-        hi = tl.minimum(hi, (split + 1) * partition_size)
+        part_len = tl.cdiv(tl.cdiv(seq_len, tl.num_programs(2)), BLOCK_N) * BLOCK_N
+        lo = tl.maximum(lo, split * part_len)
+        hi = tl.minimum(hi, (split + 1) * part_len)
         full_lo = tl.maximum(full_lo, lo)
         full_hi = tl.minimum(full_hi, hi)
     lo = (lo // BLOCK_N) * BLOCK_N
@@ -507,7 +509,7 @@ def _launch(
             q, k_cache, v_cache, out, partials.acc, partials.m, partials.l,
             query_start_loc, seq_lens, block_tables,
             scale * k_scale, soft_cap, v_scale, sliding_window, tiles_per_seq,
-            partials.partition_size, min_q, max_q,
+            min_q, max_q,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
@@ -532,7 +534,6 @@ class _SplitPartials:
     """Split-KV buffers: each partition's unnormalized output, running max and sum."""
 
     num_splits: int
-    partition_size: int
     acc: torch.Tensor  # [T, H, splits, D] float32
     m: torch.Tensor  # [T, H, splits] float32
     l: torch.Tensor  # noqa: E741  [T, H, splits] float32
@@ -542,15 +543,16 @@ def _split_partials(
     q: torch.Tensor, max_seq_len: int, num_splits: int, group: int, block_d: int, block_size: int
 ) -> _SplitPartials:
     if num_splits <= 1:
-        return _SplitPartials(1, 0, q, q, q)  # placeholders, never touched
+        return _SplitPartials(1, q, q, q)  # placeholders, never touched
     _, block_n, _, _ = _tile_config(group, group, block_d, block_size)
-    # Whole BLOCK_N steps per partition; rounding up may leave fewer partitions.
+    # Whole BLOCK_N steps per partition of the longest context; rounding up may leave
+    # fewer partitions. (The kernel cuts each sequence's own context into as many.)
     partition_size = cdiv(cdiv(max_seq_len, num_splits), block_n) * block_n
     num_splits = cdiv(max_seq_len, partition_size)
     t, h, d = q.shape
     acc = torch.empty((t, h, num_splits, d), dtype=torch.float32, device=q.device)
     m = torch.empty((t, h, num_splits), dtype=torch.float32, device=q.device)
-    return _SplitPartials(num_splits, partition_size, acc, m, torch.empty_like(m))
+    return _SplitPartials(num_splits, acc, m, torch.empty_like(m))
 
 
 def paged_attention_triton(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -149,6 +151,15 @@ def test_split_kv_decode(
     ref = reference(b, 0.125, sliding_window=sliding_window)
     out = run_triton(b, 0.125, sliding_window=sliding_window, num_splits=num_splits)
     assert_close(out, ref, TOLERANCE[dtype])
+
+
+def test_split_kv_decode_under_a_graph_bound() -> None:
+    # A CUDA graph launches for max_seq_len = --max-seq-len-to-capture, far above the
+    # contexts: each sequence's own context is what the splits cut.
+    torch.manual_seed(17)
+    b = make_attention_batch([1, 1, 1], [700, 1300, 5], 4, 2, 64, 16, torch.float32)
+    b = dataclasses.replace(b, max_seq_len=8192)
+    assert_close(run_triton(b, 0.125, num_splits=4), reference(b, 0.125), TOLERANCE[torch.float32])
 
 
 def test_public_function_uses_triton_when_forced(monkeypatch: pytest.MonkeyPatch) -> None:
