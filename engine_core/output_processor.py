@@ -42,7 +42,10 @@ class _ParentState:
 
     @property
     def finished(self) -> bool:
-        return all(c.out.finished for c in self.children)
+        children = self.children
+        if len(children) == 1:  # n = 1: checked for every request every step
+            return children[0].out.finished
+        return all(c.out.finished for c in children)
 
 
 class OutputProcessor:

@@ -26,12 +26,14 @@ step is finished first.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
 
+from executor.block_table import BlockTables
 from executor.config import EngineConfig
 from executor.cuda_graphs import DecodeGraphs, capture_sizes
 from executor.forward_context import AttentionMetadata, ForwardContext, forward_context
@@ -64,6 +66,7 @@ class RequestState:
     # them lies on the device: (that step's sampled ids, this request's row).
     num_pending: int = 0
     pending: tuple[torch.Tensor, int] | None = None
+    table_row: int = -1  # this request's row of ModelRunner.block_tables
 
     @property
     def output_ids(self) -> list[int]:
@@ -109,6 +112,7 @@ class ModelRunner:
         self.block_size = config.cache.block_size
         self.vocab_size = int(config.model.hf_config.get("vocab_size", 0))
         self.requests: dict[str, RequestState] = {}
+        self.block_tables = BlockTables(-(-config.model.max_model_len // self.block_size))
         self.kv_caches: list[torch.Tensor] = []
         self.sampler = Sampler()
         self.pp = get_pp_group()
@@ -167,14 +171,18 @@ class ModelRunner:
     # ---- request state -----------------------------------------------------------
     def _apply_step(self, step: StepInput) -> None:
         for rid in step.finished_req_ids:
-            self.requests.pop(rid, None)
+            gone = self.requests.pop(rid, None)
+            if gone is not None:
+                self.block_tables.remove(gone.table_row)
         for new in step.new_requests:
             self.requests[new.req_id] = self._new_state(new)
         for upd in step.running:
             state = self.requests[upd.req_id]
             if upd.resumed:
                 state.block_ids = list(upd.new_block_ids)
-            else:
+                self.block_tables.set(state.table_row, 0, state.block_ids)
+            elif upd.new_block_ids:
+                self.block_tables.set(state.table_row, len(state.block_ids), upd.new_block_ids)
                 state.block_ids.extend(upd.new_block_ids)
             state.num_computed_tokens = upd.num_computed_tokens
             state.token_ids.extend(upd.new_token_ids)  # PP > 1: sampled by the last stage
@@ -184,6 +192,9 @@ class ModelRunner:
         if new.sampling.seed is not None:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(new.sampling.seed)
+        old = self.requests.get(new.req_id)
+        if old is not None:  # resumed after preemption, sent whole again
+            self.block_tables.remove(old.table_row)
         return RequestState(
             new.req_id,
             list(new.token_ids),
@@ -192,6 +203,7 @@ class ModelRunner:
             new.num_computed_tokens,
             new.sampling,
             gen,
+            table_row=self.block_tables.add(new.block_ids),
         )
 
     # ---- batch -------------------------------------------------------------------
@@ -214,30 +226,22 @@ class ModelRunner:
     def _prepare_inputs(
         self, batch: _Batch
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        bs = self.block_size
-        starts = np.array([s.num_computed_tokens for s in batch.states], dtype=np.int64)
+        states = batch.states
+        starts_list = [s.num_computed_tokens for s in states]
+        ids, from_device = self._input_ids(batch, starts_list)
+        starts = np.array(starts_list, dtype=np.int64)
         counts = np.array(batch.num_tokens, dtype=np.int64)
         seq_lens = starts + counts
-        total = int(counts.sum())
+        total = len(ids)
         # positions: for each request, start .. start + n - 1
         first = np.repeat(np.cumsum(counts) - counts, counts)  # [T] flat index of its row's start
         positions = np.repeat(starts, counts) + (np.arange(total) - first)
-        input_ids = np.empty(total, dtype=np.int64)
-        max_blocks = max(len(s.block_ids) for s in batch.states)
-        tables = np.zeros((len(batch.states), max_blocks), dtype=np.int32)
-        offsets = np.cumsum(counts) - counts
-        from_device: list[tuple[int, tuple[torch.Tensor, int]]] = []  # (flat index, source)
-        for i, s in enumerate(batch.states):
-            a, end = offsets[i], seq_lens[i]
-            known = min(end, len(s.token_ids))
-            input_ids[a : a + known - starts[i]] = s.token_ids[starts[i] : known]
-            if end > known:  # the last input is the token the previous step sampled
-                assert end == known + 1 and s.num_pending == 1 and s.pending is not None
-                from_device.append((a + counts[i] - 1, s.pending))
-            tables[i, : len(s.block_ids)] = s.block_ids
-        row = np.repeat(np.arange(len(batch.states)), counts)
+        width = max(len(s.block_ids) for s in states)
+        tables = self.block_tables.gather([s.table_row for s in states], width)  # [S, width]
+        row = np.repeat(np.arange(len(states)), counts)
+        bs = self.block_size
         slots = tables[row, positions // bs].astype(np.int64) * bs + positions % bs
-        qsl = np.zeros(len(batch.states) + 1, dtype=np.int32)
+        qsl = np.zeros(len(states) + 1, dtype=np.int32)
         np.cumsum(counts, out=qsl[1:])
         attn = AttentionMetadata(
             slot_mapping=self._to_device(slots),
@@ -249,10 +253,29 @@ class ModelRunner:
             query_start_loc_cpu=qsl.tolist(),
             seq_lens_cpu=seq_lens.tolist(),
         )
-        input_ids_dev = self._to_device(input_ids)
+        input_ids = self._to_device(np.array(ids, dtype=np.int64))
         if from_device:
-            self._fill_from_device(input_ids_dev, from_device)
-        return input_ids_dev, self._to_device(positions), attn
+            self._fill_from_device(input_ids, from_device)
+        return input_ids, self._to_device(positions), attn
+
+    @staticmethod
+    def _input_ids(
+        batch: _Batch, starts: list[int]
+    ) -> tuple[list[int], list[tuple[int, tuple[torch.Tensor, int]]]]:
+        """The step's token ids, flat; (flat index, source) of those still on the device."""
+        ids: list[int] = []
+        from_device: list[tuple[int, tuple[torch.Tensor, int]]] = []
+        for s, start, n in zip(batch.states, starts, batch.num_tokens, strict=True):
+            tokens = s.token_ids
+            if start + n <= len(tokens):
+                ids += tokens[start : start + n]
+                continue
+            # the last input is the token the previous step sampled
+            assert start + n == len(tokens) + 1 and s.num_pending == 1 and s.pending is not None
+            ids += tokens[start:]
+            from_device.append((len(ids), s.pending))
+            ids.append(0)
+        return ids, from_device
 
     def _fill_from_device(
         self, input_ids: torch.Tensor, sources: list[tuple[int, tuple[torch.Tensor, int]]]
@@ -358,8 +381,8 @@ class ModelRunner:
         states = [batch.states[i] for i in batch.sample_rows]
         sbatch = SamplingBatch.build(
             [s.sampling for s in states],
-            [s.token_ids[: s.num_prompt_tokens] for s in states],
-            [s.output_ids for s in states],
+            _PerRow(states, lambda s: s.token_ids[: s.num_prompt_tokens]),
+            _PerRow(states, lambda s: s.output_ids),
             {i: s.generator for i, s in enumerate(states) if s.generator is not None},
             logits.shape[-1],
             logits.device,
@@ -427,6 +450,28 @@ class ModelRunner:
     def _advance(batch: _Batch) -> None:
         for s, n in zip(batch.states, batch.num_tokens, strict=True):
             s.num_computed_tokens += n
+
+
+class _PerRow(Sequence[list[int]]):
+    """Each row's token list, made only when the sampler asks for that row (penalties,
+    bad words, min_tokens): slicing every request's tokens every step cost more than
+    the rest of the sampler's host work at batch 256."""
+
+    def __init__(self, states: list[RequestState], tokens: Callable[[RequestState], list[int]]):
+        self._states = states
+        self._tokens = tokens
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    @overload
+    def __getitem__(self, i: int) -> list[int]: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[list[int]]: ...
+    def __getitem__(self, i: int | slice) -> list[int] | Sequence[list[int]]:
+        if isinstance(i, slice):
+            return [self._tokens(s) for s in self._states[i]]
+        return self._tokens(self._states[i])
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
