@@ -223,9 +223,7 @@ def _attend_keys(
     return acc, l_i, m_i
 
 
-@triton.jit(
-    do_not_specialize=["tiles_per_seq", "min_q_len", "max_q_len", "stride_bt"]
-)
+@triton.jit(do_not_specialize=["tiles_per_seq", "min_q_len", "max_q_len", "stride_bt"])
 def _paged_attention_kernel(
     q_ptr,
     k_cache_ptr,
