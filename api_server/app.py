@@ -29,6 +29,7 @@ from api_server.protocol import (
     parse_request,
 )
 from api_server.serving import ServerState, api_error_of, json_response, now_s
+from executor.profiler import profiler_dir
 
 logger = logging.getLogger("api_server")
 
@@ -80,6 +81,9 @@ def _add_routes(app: web.Application, state: ServerState, prefix: str) -> None:
     r.add_post(prefix + "/tokenize", bind(tokenize))
     r.add_post(prefix + "/detokenize", bind(detokenize))
     r.add_get(prefix + "/metrics", bind(metrics))
+    if profiler_dir() is not None:  # as vLLM: only when profiling is switched on
+        r.add_post(prefix + "/start_profile", bind(start_profile))
+        r.add_post(prefix + "/stop_profile", bind(stop_profile))
 
 
 # ---- middleware -----------------------------------------------------------------------
@@ -207,6 +211,24 @@ async def version(state: ServerState, request: web.Request) -> web.StreamRespons
     except importlib.metadata.PackageNotFoundError:
         number = "unknown"
     return json_response({"version": number})
+
+
+async def start_profile(state: ServerState, request: web.Request) -> web.StreamResponse:
+    """Start the torch profiler in every worker (TESSERA_TORCH_PROFILER_DIR is set)."""
+    try:
+        await state.client.call("profile_start")
+    except RuntimeError as error:  # already running
+        return _error_response(APIError(400, str(error)))
+    return json_response({"status": "started"})
+
+
+async def stop_profile(state: ServerState, request: web.Request) -> web.StreamResponse:
+    """Stop it; the files the workers wrote."""
+    try:
+        paths = await state.client.call("profile_stop")
+    except RuntimeError as error:  # not running
+        return _error_response(APIError(400, str(error)))
+    return json_response({"status": "stopped", "files": paths})
 
 
 async def metrics(state: ServerState, request: web.Request) -> web.StreamResponse:

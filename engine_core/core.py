@@ -177,5 +177,12 @@ class EngineCore:
     def check_health(self) -> None:
         self.executor.check_health()
 
+    def profile_start(self) -> None:
+        self.executor.collective_rpc("profile_start")
+
+    def profile_stop(self) -> list[str]:
+        """The files every worker wrote (see executor/profiler.py)."""
+        return [path for paths in self.executor.collective_rpc("profile_stop") for path in paths]
+
     def shutdown(self) -> None:
         self.executor.shutdown()

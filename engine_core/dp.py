@@ -122,7 +122,7 @@ def combine_results(method: str, results: list[Any], num_blocks: list[int]) -> A
     """One answer to a utility call from every core's answer (in rank order)."""
     if len(results) == 1:
         return results[0]
-    if method == "collective_rpc":  # each core answers one result per worker
+    if method in ("collective_rpc", "profile_stop"):  # each core: a list, per worker
         return [r for core_results in results for r in core_results]
     if method == "reset_prefix_cache":
         return all(results)

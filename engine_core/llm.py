@@ -132,6 +132,15 @@ class LLM:
         external_launcher each rank answers for itself: a list of one."""
         return self.engine.call("collective_rpc", method, list(args))
 
+    def start_profile(self) -> None:
+        """Start the torch profiler in every worker; TESSERA_TORCH_PROFILER_DIR must name
+        a folder (set before the engine starts, so that its workers see it)."""
+        self.engine.call("profile_start")
+
+    def stop_profile(self) -> list[str]:
+        """Stop it: every worker's Chrome trace and table of the top ops, by path."""
+        return self.engine.call("profile_stop")
+
     def shutdown(self) -> None:
         """Stop the engine (its processes too). Also run at exit and on garbage collection."""
         engine = self.__dict__.pop("engine", None)

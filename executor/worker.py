@@ -12,6 +12,7 @@ import torch
 from executor.config import ArgumentError, EngineConfig, ParallelConfig
 from executor.messages import StepInput, StepOutput
 from executor.model_runner import Launched, ModelRunner
+from executor.profiler import WorkerProfiler
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class Worker:
         self.dist_init_method = dist_init_method
         self.device = self._pick_device()
         self.runner: ModelRunner | None = None
+        self._profiler: WorkerProfiler | None = None
 
     def _pick_device(self) -> torch.device:
         if self.config.device.device == "cuda":
@@ -146,6 +148,18 @@ class Worker:
         from executor.distributed import destroy_distributed
 
         destroy_distributed()
+
+    def profile_start(self) -> None:
+        """Start the torch profiler in this worker (TESSERA_TORCH_PROFILER_DIR must be set)."""
+        if self._profiler is None:
+            self._profiler = WorkerProfiler(self.rank, self.device)
+        self._profiler.start()
+
+    def profile_stop(self) -> list[str]:
+        """Stop it; the paths of the Chrome trace and the table it wrote."""
+        if self._profiler is None:
+            raise RuntimeError("the profiler is not running")
+        return self._profiler.stop()
 
     def kv_cache_dtype_name(self) -> str:
         assert self.runner is not None

@@ -666,3 +666,8 @@ def test_bench_serve_against_the_server(server: Server, tmp_path):
     assert 8 * 2 <= summary["total_output_tokens"] <= 8 * 6  # lengths in [2, 6]
     assert summary["total_input_tokens"] >= 8 * (4 + 8)
     assert summary["mean_ttft_ms"] > 0 and summary["p99_e2el_ms"] >= summary["median_e2el_ms"]
+
+
+def test_no_profile_endpoints_without_the_profiler_folder(server):
+    # TESSERA_TORCH_PROFILER_DIR is not set for this server (see test_profile_endpoints)
+    assert requests.post(server.url + "/start_profile", timeout=10).status_code == 404
