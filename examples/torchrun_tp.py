@@ -73,6 +73,9 @@ def main() -> None:
             print(f"{result['prompt']!r} -> {result['text']!r}")
     llm.shutdown()
     if args.init_process_group:
+        # every rank reaches the teardown before any destroys its group: a gloo group
+        # destroyed while a peer still talks to it may abort the process at exit
+        dist.barrier()
         dist.destroy_process_group()
 
 
