@@ -6,6 +6,8 @@
 Sections:
 - tiny: tiny random models of every architecture, float32: greedy tokens equal
   transformers on the same GPU, with CUDA graphs and with --enforce-eager.
+- blocks: --block-size 8, 32, 64, 128 on tiny llama and qwen3, float32, greedy tokens
+  equal transformers (with CUDA graphs).
 - smollm2: SmolLM2 from the GGUF in float32, greedy tokens equal transformers.
 - bf16: SmolLM2 in bfloat16 against transformers in bfloat16: top-1 agreement over
   prompt positions and the largest difference of the chosen token's logprob.
@@ -104,6 +106,22 @@ def section_tiny(args) -> None:
             got = tessera_greedy(str(path), ps, 16, 512, dtype="float32", enforce_eager=eager)
             mode = "eager" if eager else "graphs"
             record("tiny", f"{arch} fp32 {mode}", got == want, first_divergence(got, want))
+
+
+def section_blocks(args) -> None:
+    """--block-size 8, 32, 64 and 128 (16 is every other section's): tiny llama and
+    qwen3 in float32 against transformers, with CUDA graphs, long enough prompts that
+    every request spans several blocks."""
+    from tests.helpers.tiny_models import make_tiny_model
+
+    tmp = Path(tempfile.mkdtemp())
+    for arch in ["llama", "qwen3"]:
+        path = make_tiny_model(tmp / arch, arch)
+        ps = prompts(4, seed=2, lo=60, hi=200)
+        want = hf_greedy_cuda(path, ps, 24)
+        for block in (8, 32, 64, 128):
+            got = tessera_greedy(str(path), ps, 24, 512, dtype="float32", block_size=block)
+            record("blocks", f"{arch} block {block}", got == want, first_divergence(got, want))
 
 
 def section_smollm2(args) -> None:
@@ -300,6 +318,7 @@ def section_server(args) -> None:
 
 SECTIONS = {
     "tiny": section_tiny,
+    "blocks": section_blocks,
     "smollm2": section_smollm2,
     "bf16": section_bf16,
     "latency": section_latency,

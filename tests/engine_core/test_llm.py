@@ -45,6 +45,17 @@ def test_greedy_matches_transformers(tiny):
     assert got == want, arch
 
 
+@pytest.mark.parametrize("block_size", [8, 64, 128])
+def test_block_sizes_give_the_tokens_of_transformers(block_size, tmp_path):
+    # prompts of 30-140 tokens: several blocks of 8, one or two of 128
+    path = make_tiny_model(tmp_path / "llama", "llama")
+    prompts = random_prompts(3, (30, 140), seed=5)
+    llm = LLM(str(path), max_model_len=256, block_size=block_size, enforce_eager=True)
+    got = token_ids(llm.generate(prompts, SamplingParams(max_tokens=12, **GREEDY)))
+    llm.shutdown()
+    assert got == hf_greedy(load_hf_model(path), prompts, 12)
+
+
 @pytest.mark.slow
 def test_smollm2_gguf_matches_transformers():
     llm = LLM("tessera/smollm2-135m-instruct", max_model_len=512)
