@@ -121,10 +121,6 @@ class EngineCore:
         step_output = self.executor.execute(step_input)
         return self._update(step_input, step_output)
 
-    @property
-    def async_scheduling(self) -> bool:
-        return self.scheduler.async_scheduling
-
     def _pipelined_step(self) -> EngineCoreOutputs:
         while len(self.in_flight) < self.pipeline_depth:
             step_input = self.scheduler.schedule()

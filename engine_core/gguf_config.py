@@ -38,9 +38,11 @@ def gguf_hf_config(path: str | Path) -> dict[str, Any]:
         return json.loads(entry.read_text())
     except (OSError, ValueError):
         pass
-    config = _convert(Path(path))
-    _store(entry, config)
-    return config
+    # stored as JSON and read back from that text, so the first start gets the same
+    # JSON-normalized dict (str keys, lists for tuples) as every later one
+    text = json.dumps(_convert(Path(path)), default=str)
+    _store(entry, text)
+    return json.loads(text)
 
 
 def _entry(path: Path) -> Path:
@@ -59,17 +61,16 @@ def _convert(path: Path) -> dict[str, Any]:
     config = AutoConfig.from_pretrained(
         str(path.parent), gguf_file=path.name, local_files_only=True
     )
-    # JSON-normalized (str keys, lists for tuples), as it will be read back
-    return json.loads(json.dumps(config.to_dict(), default=str))
+    return config.to_dict()
 
 
-def _store(entry: Path, config: dict[str, Any]) -> None:
+def _store(entry: Path, text: str) -> None:
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         # written whole, then renamed: a concurrent reader never sees half a file
         fd, tmp = tempfile.mkstemp(dir=entry.parent, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
-            json.dump(config, f)
+            f.write(text)
         os.replace(tmp, entry)
     except OSError as error:
         logger.warning("GGUF config not cached (%s): the next start converts it again", error)

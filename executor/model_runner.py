@@ -50,7 +50,7 @@ from executor.sampler import (
     compute_prompt_logprobs,
     reads_output_ids,
 )
-from executor.transfer import to_device
+from executor.transfer import to_device, to_host
 
 
 @dataclass
@@ -91,8 +91,7 @@ class Launched:
     step: StepInput
     batch: _Batch | None = None
     sample_states: list[RequestState] = field(default_factory=list)
-    sampled: torch.Tensor | None = None  # [S] on the device
-    sampled_host: torch.Tensor | None = None  # [S], its copy (in flight on CUDA)
+    sampled_host: torch.Tensor | None = None  # [S], the sampled ids (copy in flight on CUDA)
     logprobs_host: LogprobsTensors | None = None
     prompt_logprobs: dict[str, Logprobs] = field(default_factory=dict)
     copied: torch.cuda.Event | None = None  # recorded after the copies to the host
@@ -390,10 +389,9 @@ class ModelRunner:
         )
         out = self.sampler(logits, sbatch)
         launched.sample_states = states
-        launched.sampled = out.token_ids
-        launched.sampled_host = _to_host(out.token_ids)
+        launched.sampled_host = to_host(out.token_ids)
         if out.logprobs is not None:
-            launched.logprobs_host = LogprobsTensors(*(_to_host(t) for t in out.logprobs))
+            launched.logprobs_host = LogprobsTensors(*(to_host(t) for t in out.logprobs))
         if out.token_ids.is_cuda:
             launched.copied = torch.cuda.Event()
             launched.copied.record()
@@ -484,11 +482,6 @@ def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     itemsize = torch.empty((), dtype=dtype).element_size()
     raw = np.zeros(math.prod(shape) * itemsize, dtype=np.uint8)
     return torch.from_numpy(raw).view(dtype).view(shape)
-
-
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """A host copy of a device tensor, started without waiting (pinned memory on CUDA)."""
-    return t.to("cpu", non_blocking=True) if t.is_cuda else t
 
 
 def compile_model(model: Any) -> None:

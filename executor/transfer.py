@@ -1,4 +1,4 @@
-"""Host-to-device copies that never make the host wait for the device."""
+"""Copies between host and device that never make the host wait for the device."""
 
 from __future__ import annotations
 
@@ -18,3 +18,9 @@ def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of a device tensor, queued without waiting (into pinned memory on
+    CUDA: record an event after it and wait on that before reading)."""
+    return t.to("cpu", non_blocking=True) if t.is_cuda else t

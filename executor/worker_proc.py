@@ -9,10 +9,12 @@ shared with the Ray actor (`executor/ray_worker.py`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -104,7 +106,7 @@ def _serve(worker: Any, rank: int, sub: Receiver, results: Sender) -> None:
     overlap = getattr(worker, "overlaps_steps", False)
     while True:
         if pending is not None and not _next_message_or_done(sub, pending):
-            _answer(worker, results, _finish(worker, pending))
+            _answer_pending(worker, results, pending)
             pending = None
         try:
             msg = sub.recv()
@@ -112,14 +114,12 @@ def _serve(worker: Any, rank: int, sub: Receiver, results: Sender) -> None:
             logger.exception("malformed message dropped")
             continue
         if isinstance(msg, StepInput) and overlap:
-            launched = _launch(worker, msg)
-            if pending is not None:
-                _answer(worker, results, _finish(worker, pending))
+            launched = _guarded(msg.step_id, functools.partial(worker.launch, msg))
+            _answer_pending(worker, results, pending)
             pending = launched
             continue
-        if pending is not None:  # everything else waits for the step before it
-            _answer(worker, results, _finish(worker, pending))
-            pending = None
+        _answer_pending(worker, results, pending)  # everything else waits for it
+        pending = None
         if isinstance(msg, StepInput):
             _answer(worker, results, run_step(worker, msg))
         elif isinstance(msg, WorkerRpc):
@@ -138,23 +138,14 @@ def _next_message_or_done(sub: Receiver, launched: Any) -> bool:
     return bool(sub.sock.poll(0))
 
 
-def _launch(worker: Any, step: StepInput) -> Any:
-    """The launched step, or its error output when it could not be launched."""
-    try:
-        return worker.launch(step)
-    except Exception:
-        logger.exception("step %d failed", step.step_id)
-        return StepOutput(step.step_id, error=traceback.format_exc())
-
-
-def _finish(worker: Any, launched: Any) -> StepOutput:
-    if isinstance(launched, StepOutput):
-        return launched
-    try:
-        return worker.finish(launched)
-    except Exception:
-        logger.exception("step %d failed", launched.step.step_id)
-        return StepOutput(launched.step.step_id, error=traceback.format_exc())
+def _answer_pending(worker: Any, results: Sender, pending: Any) -> None:
+    """Finish the launched step, if there is one, and answer it."""
+    if pending is None:
+        return
+    out = pending
+    if not isinstance(pending, StepOutput):  # else it failed to launch: its error output
+        out = _guarded(pending.step.step_id, functools.partial(worker.finish, pending))
+    _answer(worker, results, out)
 
 
 def _answer(worker: Any, results: Sender, out: StepOutput) -> None:
@@ -162,12 +153,17 @@ def _answer(worker: Any, results: Sender, out: StepOutput) -> None:
         results.send(out)
 
 
-def run_step(worker: Any, step: StepInput) -> StepOutput:
+def _guarded(step_id: int, call: Callable[[], Any]) -> Any:
+    """call()'s result, or the step's error output when it raised."""
     try:
-        return worker.execute(step)
+        return call()
     except Exception:
-        logger.exception("step %d failed", step.step_id)
-        return StepOutput(step.step_id, error=traceback.format_exc())
+        logger.exception("step %d failed", step_id)
+        return StepOutput(step_id, error=traceback.format_exc())
+
+
+def run_step(worker: Any, step: StepInput) -> StepOutput:
+    return _guarded(step.step_id, functools.partial(worker.execute, step))
 
 
 def run_rpc(worker: Any, rank: int, call: WorkerRpc) -> WorkerRpcResult:

@@ -10,7 +10,6 @@ the tensor data as `gguf.GGUFReader` does (same shapes and dtypes, so
 
 from __future__ import annotations
 
-import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,8 +58,8 @@ class GGUFFile:
     """Scalar metadata (`fields`; arrays are left out) and tensors of a GGUF file."""
 
     def __init__(self, path: str | Path) -> None:
-        with open(path, "rb") as f:
-            self._buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        # one read-only map of the file: the header is parsed from it, tensors view it
+        self._buf = np.memmap(path, mode="r")
         self._pos = 0
         magic, version = self._unpack("<II")
         if magic != _MAGIC:
@@ -77,8 +76,7 @@ class GGUFFile:
         infos = [self._tensor_info() for _ in range(num_tensors)]
         alignment = int(self.fields.get("general.alignment", _DEFAULT_ALIGNMENT))
         start = -(-self._pos // alignment) * alignment
-        file_map = np.memmap(path, mode="r")
-        self.tensors = [self._tensor(file_map, start, *info) for info in infos]
+        self.tensors = [self._tensor(self._buf, start, *info) for info in infos]
 
     # ---- the header ------------------------------------------------------------------
     def _unpack(self, fmt: str) -> tuple:
@@ -88,7 +86,7 @@ class GGUFFile:
 
     def _string(self) -> str:
         (n,) = self._unpack("<Q")
-        text = self._buf[self._pos : self._pos + n].decode("utf-8", errors="replace")
+        text = self._buf[self._pos : self._pos + n].tobytes().decode("utf-8", errors="replace")
         self._pos += n
         return text
 
