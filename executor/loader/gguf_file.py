@@ -59,7 +59,8 @@ class GGUFFile:
 
     def __init__(self, path: str | Path) -> None:
         # one read-only map of the file: the header is parsed from it, tensors view it
-        self._buf = np.memmap(path, mode="r")
+        self._map = np.memmap(path, mode="r")
+        self._buf = self._map.data  # a memoryview of the map, for struct
         self._pos = 0
         magic, version = self._unpack("<II")
         if magic != _MAGIC:
@@ -76,7 +77,7 @@ class GGUFFile:
         infos = [self._tensor_info() for _ in range(num_tensors)]
         alignment = int(self.fields.get("general.alignment", _DEFAULT_ALIGNMENT))
         start = -(-self._pos // alignment) * alignment
-        self.tensors = [self._tensor(self._buf, start, *info) for info in infos]
+        self.tensors = [self._tensor(self._map, start, *info) for info in infos]
 
     # ---- the header ------------------------------------------------------------------
     def _unpack(self, fmt: str) -> tuple:
@@ -86,7 +87,7 @@ class GGUFFile:
 
     def _string(self) -> str:
         (n,) = self._unpack("<Q")
-        text = self._buf[self._pos : self._pos + n].tobytes().decode("utf-8", errors="replace")
+        text = bytes(self._buf[self._pos : self._pos + n]).decode("utf-8", errors="replace")
         self._pos += n
         return text
 
