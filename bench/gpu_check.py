@@ -8,6 +8,8 @@ Sections:
   transformers on the same GPU, with CUDA graphs and with --enforce-eager.
 - blocks: --block-size 8, 32, 64, 128 on tiny llama and qwen3, float32, greedy tokens
   equal transformers (with CUDA graphs).
+- cascade: prompts behind a cached shared prefix (cascade attention in their decode
+  steps), tiny llama and qwen3, float32, equal transformers with graphs, eager and off.
 - smollm2: SmolLM2 from the GGUF in float32, greedy tokens equal transformers.
 - bf16: SmolLM2 in bfloat16 against transformers in bfloat16: top-1 agreement over
   prompt positions and the largest difference of the chosen token's logprob.
@@ -122,6 +124,30 @@ def section_blocks(args) -> None:
         for block in (8, 32, 64, 128):
             got = tessera_greedy(str(path), ps, 24, 512, dtype="float32", block_size=block)
             record("blocks", f"{arch} block {block}", got == want, first_divergence(got, want))
+
+
+def section_cascade(args) -> None:
+    """Cascade attention: 12 prompts behind a 300-token prefix the cache already holds
+    (their decode steps share 256 keys), tiny llama and qwen3 in float32 against
+    transformers, with CUDA graphs, eagerly, and with --disable-cascade-attn."""
+    from engine_core import LLM, SamplingParams
+    from tests.helpers.tiny_models import make_tiny_model
+
+    tmp = Path(tempfile.mkdtemp())
+    shared = prompts(1, seed=3, lo=300, hi=300)[0]
+    ps = [shared + p for p in prompts(12, seed=4, lo=1, hi=30)]
+    greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    for arch in ["llama", "qwen3"]:
+        path = make_tiny_model(tmp / arch, arch)
+        want = hf_greedy_cuda(path, ps, 24)
+        for kw in ({}, {"enforce_eager": True}, {"disable_cascade_attn": True}):
+            llm = LLM(str(path), device="cuda", dtype="float32", max_model_len=512, **kw)
+            llm.generate([shared], SamplingParams(max_tokens=1), use_tqdm=False)
+            outs = llm.generate(ps, greedy, use_tqdm=False)
+            llm.shutdown()
+            got = [o.outputs[0].token_ids for o in outs]
+            label = " ".join(kw) or "graphs"
+            record("cascade", f"{arch} fp32 {label}", got == want, first_divergence(got, want))
 
 
 def section_smollm2(args) -> None:
@@ -319,6 +345,7 @@ def section_server(args) -> None:
 SECTIONS = {
     "tiny": section_tiny,
     "blocks": section_blocks,
+    "cascade": section_cascade,
     "smollm2": section_smollm2,
     "bf16": section_bf16,
     "latency": section_latency,

@@ -48,7 +48,9 @@ from kernels.activation import (
 )
 from kernels.attention import (
     choose_num_splits,
+    choose_prefix_splits,
     paged_attention,
+    paged_attention_cascade_triton,
     paged_attention_ref,
     paged_attention_split_kv_triton,
     paged_attention_triton,
@@ -265,6 +267,17 @@ def make_batch(
     )
 
 
+def share_prefix(b: Batch, prefix_len: int) -> Batch:
+    """Every sequence's first prefix_len keys become sequence 0's blocks (prefix caching)."""
+    n = prefix_len // b.k_cache.shape[1]
+    b.block_tables[:, :n] = b.block_tables[0, :n].clone()
+    return b
+
+
+def prefix_tensor(prefix_len: int) -> torch.Tensor:
+    return torch.tensor([prefix_len], dtype=torch.int32, device=DEV)
+
+
 def attention_ref(b: Batch, scale: float, **kw: Any) -> torch.Tensor:
     # The reference reads the same cache (FP8 included) and computes in float32.
     out = torch.full(b.q.shape, float("nan"), dtype=torch.float32, device=DEV)
@@ -278,6 +291,12 @@ def run_attention(b: Batch, scale: float, variant: str, **kw: Any) -> torch.Tens
         paged_attention(*b.args(out, scale), **kw)
     elif variant == "one-pass":
         paged_attention_triton(*b.args(out, scale), **kw)
+    elif variant.startswith("cascade"):  # cascade:<prefix_len>:<prefix splits>:<splits>
+        prefix, prefix_splits, splits = (int(x) for x in variant.split(":")[1:])
+        paged_attention_cascade_triton(
+            *b.args(out, scale), **kw, shared_prefix_len=prefix_tensor(prefix),
+            prefix_splits=prefix_splits, num_splits=splits,
+        )  # fmt: skip
     else:
         paged_attention_split_kv_triton(*b.args(out, scale), **kw, num_splits=int(variant))
     return out
@@ -314,6 +333,23 @@ def check_attention() -> None:
             ["one-pass"],
         ),
     ]
+    cases += [
+        (
+            "cascade b=256 shared 896 + 124..252",
+            share_prefix(make_batch([1] * 256, torch.randint(1020, 1149, (256,)).tolist()), 896),
+            {},
+            ["cascade:896:5:1", "cascade:896:1:1", "cascade:0:3:1"],
+        ),
+        (
+            "cascade b=8 shared 4096 + 1..2000, fp8 cache",
+            share_prefix(
+                make_batch([1] * 8, torch.randint(4097, 6097, (8,)).tolist(), cache_dtype=FP8),
+                4096,
+            ),
+            {"k_scale": 0.5, "v_scale": 1.5},
+            ["cascade:4096:8:4"],
+        ),
+    ]
     for name, b, kw, variants in cases:
         ref = attention_ref(b, sc, **kw)
         for v in variants:
@@ -336,6 +372,10 @@ def check_attention() -> None:
         )
         d = make_batch([1] * 3, [1500, 2100, 90], **shape)
         check(f"{name} split-KV", run_attention(d, sc_b, "5", **kw), attention_ref(d, sc_b, **kw))
+        if "sliding_window" not in kw:
+            c = share_prefix(make_batch([1] * 9, [600 + 40 * i for i in range(9)], **shape), 512)
+            ref = attention_ref(c, sc_b, **kw)
+            check(f"{name} cascade", run_attention(c, sc_b, "cascade:512:3:2", **kw), ref)
 
 
 def attention_cost(b: Batch) -> tuple[int, float]:
@@ -374,6 +414,7 @@ def time_attention(copy_gbps: float, quick: bool) -> None:
                 name = "attention split=4"
             record(name, shape, other, nbytes, copy_gbps, flops)
             del b, args
+    time_cascade(copy_gbps, sms)
     timed = [
         ([1] * 64, [4096] * 64, FP8, "decode b=64 ctx=4096 fp8 cache"),
         ([4096], [4096], BF16, "prefill 4096"),
@@ -386,6 +427,24 @@ def time_attention(copy_gbps: float, quick: bool) -> None:
         fn = partial(paged_attention, *b.args(torch.empty_like(b.q), sc))
         record("attention", shape, fn, nbytes, copy_gbps, flops)
         del b, fn
+
+
+def time_cascade(copy_gbps: float, sms: int) -> None:
+    """W6's decode step: 256 contexts of 1024-1152 keys sharing the first 896 (8B shape).
+    Bytes: the shared keys once, each sequence's own keys once."""
+    sc = HEAD_DIM**-0.5
+    for bs, prefix in ((256, 896), (64, 896), (16, 3968)):
+        lens = torch.randint(prefix + 124, prefix + 253, (bs,)).tolist()
+        b = share_prefix(make_batch([1] * bs, lens), prefix)
+        unique = prefix + sum(n - prefix for n in lens)
+        nbytes = unique * KV_HEADS * HEAD_DIM * 2 * 2 + 2 * b.q.numel() * 2
+        args = b.args(torch.empty_like(b.q), sc)
+        shape = f"decode b={bs} shared {prefix} + 124..252"
+        record("attention plain", shape, partial(paged_attention, *args), nbytes, copy_gbps)
+        fn = partial(paged_attention, *args, shared_prefix_len=prefix_tensor(prefix))
+        splits = choose_prefix_splits(bs, HEADS, KV_HEADS, sms)
+        record("attention cascade", shape, fn, nbytes, copy_gbps, prefix_splits=splits)
+        del b, args, fn
 
 
 # ---- the other kernels --------------------------------------------------------------------

@@ -214,6 +214,8 @@ class InprocClient:
         self.core = EngineCore(config)
         self.num_blocks = self.core.num_blocks
         self._pending: list = []
+        # its executor's worker processes must stop at exit even without shutdown()
+        _live_clients.add(self)
 
     def add_request(self, req: EngineCoreRequest) -> None:
         rejected = self.core.add_request(req)
@@ -234,6 +236,7 @@ class InprocClient:
         return self.core.call_utility(method, list(args))
 
     def shutdown(self) -> None:
+        _live_clients.discard(self)
         self.core.shutdown()
 
 

@@ -399,7 +399,11 @@ RULES: dict[str, Rule] = {
         "before it schedules the next (otherwise, with the mp executor, step N+1 is "
         "scheduled and sent while step N runs)"
     ),
-    "disable_cascade_attn": _works("this build has no cascade attention to disable"),
+    "disable_cascade_attn": _works(
+        "on CUDA, decode-only steps of at least 8 sequences whose contexts share at least "
+        "256 cached tokens attend to those once per tile of sequences (cascade attention); "
+        "this flag turns that off"
+    ),
     "disable_chunked_mm_input": _refused(_NO_MM),
     # Execution and compilation
     "enforce_eager": Rule(WORKS_CPU, "CUDA graphs are off on the CPU, so it is always eager"),
@@ -1202,6 +1206,7 @@ def resolve_model_config(
         served_model_names=_as_list(args.served_model_name, [args.model]),
         max_logprobs=args.max_logprobs,
         disable_sliding_window=args.disable_sliding_window,
+        disable_cascade_attn=args.disable_cascade_attn,
         # CUDA graphs exist only on CUDA: elsewhere the model always runs eagerly.
         enforce_eager=args.enforce_eager or device != "cuda",
         max_seq_len_to_capture=min(args.max_seq_len_to_capture, max_model_len),

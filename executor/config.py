@@ -52,6 +52,7 @@ class ModelConfig(_Frozen, frozen=True, kw_only=True, forbid_unknown_fields=True
     served_model_names: list[str] = msgspec.field(default_factory=list)
     max_logprobs: int = 20
     disable_sliding_window: bool = False
+    disable_cascade_attn: bool = False
     enforce_eager: bool = False
     max_seq_len_to_capture: int = 8192
     quantization: str | None = None

@@ -26,6 +26,9 @@ class AttentionMetadata:
     # Host copies, so CPU paths and kernel launch sizing need no device sync.
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
+    # Decode steps only: the leading keys every context shares, in block_tables row 0's
+    # blocks ([1] int32; see executor.shared_prefix). None when nothing is shared.
+    shared_prefix_len: torch.Tensor | None = None
 
 
 @dataclass

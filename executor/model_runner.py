@@ -50,7 +50,9 @@ from executor.sampler import (
     compute_prompt_logprobs,
     reads_output_ids,
 )
+from executor.shared_prefix import shared_prefix_len
 from executor.transfer import to_device, to_host
+from kernels.dispatch import use_triton
 
 
 @dataclass
@@ -117,6 +119,10 @@ class ModelRunner:
         self.sampler = Sampler()
         self.pp = get_pp_group()
         self.graphs: DecodeGraphs | None = None
+        # Cascade attention where the kernels run (the reference has nothing to save).
+        self.use_cascade = not config.model.disable_cascade_attn and use_triton(
+            torch.empty(0, device=device)
+        )
         # seconds spent in model forwards and steps executed, for bench/overhead.py
         self.forward_time_s = 0.0
         self.execute_time_s = 0.0  # whole steps: inputs, forward, logits, sampling, outputs
@@ -165,6 +171,7 @@ class ModelRunner:
             -(-cfg.model.max_model_len // self.block_size),
             max_len,
             self.device,
+            cascade=self.use_cascade,
         )
         self.graphs.capture()
 
@@ -243,16 +250,21 @@ class ModelRunner:
         slots = tables[row, positions // bs].astype(np.int64) * bs + positions % bs
         qsl = np.zeros(len(states) + 1, dtype=np.int32)
         np.cumsum(counts, out=qsl[1:])
+        max_query_len = int(counts.max())
         attn = AttentionMetadata(
             slot_mapping=self._to_device(slots),
             query_start_loc=self._to_device(qsl),
             seq_lens=self._to_device(seq_lens.astype(np.int32)),
             block_tables=self._to_device(tables),
-            max_query_len=int(counts.max()),
+            max_query_len=max_query_len,
             max_seq_len=int(seq_lens.max()),
             query_start_loc_cpu=qsl.tolist(),
             seq_lens_cpu=seq_lens.tolist(),
         )
+        if self.use_cascade and max_query_len == 1:
+            shared = shared_prefix_len(tables, seq_lens, bs)
+            if shared:
+                attn.shared_prefix_len = self._to_device(np.array([shared], dtype=np.int32))
         input_ids = self._to_device(np.array(ids, dtype=np.int64))
         if from_device:
             self._fill_from_device(input_ids, from_device)
@@ -357,9 +369,9 @@ class ModelRunner:
     def _forward(self, input_ids, positions, attn: AttentionMetadata) -> Any:
         """[T, hidden] on the last stage; a stage before it returns what it sent on."""
         if self.graphs is not None and attn.max_query_len == 1:
-            bs = self.graphs.padded_size(input_ids.shape[0], attn.max_seq_len)
-            if bs is not None:
-                return self.graphs.run(bs, input_ids, positions, attn)
+            out = self.graphs.run(input_ids, positions, attn)
+            if out is not None:
+                return out
         intermediate = None
         if not self.pp.is_first:
             empty = self.model.empty_intermediate(input_ids.shape[0], self.device)

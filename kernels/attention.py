@@ -113,6 +113,7 @@ def paged_attention_ref(
     soft_cap: float = 0.0,  # 0 = none
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    shared_prefix_len: torch.Tensor | None = None,  # a hint: the result is the same
 ) -> None:
     block = k_cache.shape[1]
     qsl = query_start_loc.long()
@@ -157,6 +158,9 @@ def paged_attention_ref(
 SPLIT_KV_MIN_SEQ_LEN = 256  # below this a decode batch never splits its contexts
 SPLIT_KV_MIN_PARTITION = 128  # nor does a split cover fewer keys than this
 SPLIT_KV_MAX_SPLITS = 64
+# A shared prefix is attended in whole steps of this many keys (every BLOCK_N divides it):
+# the rest of it, if any, goes with each sequence's own keys.
+SHARED_PREFIX_ALIGN = 128
 
 
 @triton.jit
@@ -223,18 +227,39 @@ def _attend_keys(
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["tiles_per_seq", "min_q_len", "max_q_len", "stride_bt"])
+@triton.jit
+def _aligned_prefix(prefix_len_ptr, ALIGN: tl.constexpr):
+    # Both launches of a cascade round the shared prefix alike, to whole key steps.
+    return (tl.load(prefix_len_ptr) // ALIGN) * ALIGN
+
+
+@triton.jit
+def _store_partial(
+    part_acc_ptr, part_m_ptr, part_l_ptr, part, acc, m_i, l_i, d, d_ok, row_ok, HEAD_DIM
+):  # fmt: skip
+    tl.store(part_m_ptr + part, m_i, mask=row_ok)
+    tl.store(part_l_ptr + part, l_i, mask=row_ok)
+    part_offs = part.to(tl.int64)[:, None] * HEAD_DIM + d[None, :]
+    tl.store(part_acc_ptr + part_offs, acc, mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit(
+    do_not_specialize=[
+        "tiles_per_seq", "min_q_len", "max_q_len", "part_offset", "num_parts", "stride_bt"
+    ]
+)  # fmt: skip
 def _paged_attention_kernel(
     q_ptr,
     k_cache_ptr,
     v_cache_ptr,
     out_ptr,
-    part_acc_ptr,  # split-KV partials [T, H, splits, D] (unused unless SPLIT)
-    part_m_ptr,  # [T, H, splits]: running max, base-2 logits
-    part_l_ptr,  # [T, H, splits]: softmax denominator
+    part_acc_ptr,  # split-KV partials [T, H, parts, D] (unused unless SPLIT)
+    part_m_ptr,  # [T, H, parts]: running max, base-2 logits
+    part_l_ptr,  # [T, H, parts]: softmax denominator
     query_start_loc_ptr,
     seq_lens_ptr,
     block_tables_ptr,
+    prefix_len_ptr,  # [1]: keys below it are another launch's (SKIP_PREFIX only)
     qk_scale,  # softmax scale * k_scale
     soft_cap,
     v_scale,
@@ -242,6 +267,8 @@ def _paged_attention_kernel(
     tiles_per_seq,
     min_q_len,  # this launch skips sequences with fewer queries...
     max_q_len,  # ...or more
+    part_offset,  # this launch's splits fill partials part_offset.. (SPLIT only)
+    num_parts,  # partials per (token, head) (SPLIT only)
     stride_qt,
     stride_qh,
     stride_ot,
@@ -263,6 +290,8 @@ def _paged_attention_kernel(
     USE_WINDOW: tl.constexpr,
     USE_SOFT_CAP: tl.constexpr,
     SPLIT: tl.constexpr,
+    SKIP_PREFIX: tl.constexpr,
+    PREFIX_ALIGN: tl.constexpr,
     PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
@@ -300,11 +329,15 @@ def _paged_attention_kernel(
         full_lo = tl.maximum(hi - sliding_window, 0)
     if SPLIT:
         # This sequence's own context cut evenly, not the launch's bound (a CUDA graph's
-        # max_seq_len): short contexts then keep every split busy instead of one.
+        # max_seq_len): short contexts then keep every split busy instead of one. A
+        # shared prefix is left to _shared_prefix_kernel: the splits cut the rest.
+        kv_lo = 0
+        if SKIP_PREFIX:
+            kv_lo = tl.minimum(_aligned_prefix(prefix_len_ptr, PREFIX_ALIGN), seq_len)
         split = tl.program_id(2)
-        part_len = tl.cdiv(tl.cdiv(seq_len, tl.num_programs(2)), BLOCK_N) * BLOCK_N
-        lo = tl.maximum(lo, split * part_len)
-        hi = tl.minimum(hi, (split + 1) * part_len)
+        part_len = tl.cdiv(tl.cdiv(seq_len - kv_lo, tl.num_programs(2)), BLOCK_N) * BLOCK_N
+        lo = tl.maximum(lo, kv_lo + split * part_len)
+        hi = tl.minimum(hi, kv_lo + (split + 1) * part_len)
         full_lo = tl.maximum(full_lo, lo)
         full_hi = tl.minimum(full_hi, hi)
     lo = (lo // BLOCK_N) * BLOCK_N
@@ -337,17 +370,87 @@ def _paged_attention_kernel(
 
     if SPLIT:
         num_heads = tl.num_programs(1) * QUERIES_PER_KV
-        num_splits = tl.num_programs(2)
-        part = ((q_start + tok) * num_heads + head) * num_splits + tl.program_id(2)  # [M]
-        tl.store(part_m_ptr + part, m_i, mask=row_ok)
-        tl.store(part_l_ptr + part, l_i, mask=row_ok)
-        part_offs = part.to(tl.int64)[:, None] * HEAD_DIM + d[None, :]
-        tl.store(part_acc_ptr + part_offs, acc * v_scale, mask=row_ok[:, None] & d_ok[None, :])
+        part = ((q_start + tok) * num_heads + head) * num_parts + part_offset + tl.program_id(2)
+        _store_partial(
+            part_acc_ptr, part_m_ptr, part_l_ptr, part, acc * v_scale, m_i, l_i, d, d_ok,
+            row_ok, HEAD_DIM,
+        )  # fmt: skip
     else:
         o = acc * (v_scale / tl.where(l_i > 0.0, l_i, 1.0))[:, None]
         o_offs = (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
         o = cast_to(o, out_ptr.dtype.element_ty, INTERPRET)
         tl.store(out_ptr + o_offs, o, mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["num_tokens", "num_parts"])
+def _shared_prefix_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    part_acc_ptr,  # [T, H, parts, D]: this launch fills parts 0 .. splits - 1
+    part_m_ptr,
+    part_l_ptr,
+    block_tables_ptr,  # row 0 holds the shared blocks
+    prefix_len_ptr,  # [1]
+    qk_scale,
+    soft_cap,
+    v_scale,
+    num_tokens,
+    num_parts,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    QUERIES_PER_KV: tl.constexpr,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    USE_SOFT_CAP: tl.constexpr,
+    PREFIX_ALIGN: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    # Cascade attention, first half: the decode queries of every sequence against the
+    # keys all of them share, read once per tile of BLOCK_M // GROUP sequences instead of
+    # once per sequence. Each query sits past the prefix, so no key is masked. Rows pack
+    # consecutive decode tokens times the GROUP query heads of one KV head.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tok = rows // GROUP  # [M] decode token = sequence
+    kv_head = tl.program_id(1)
+    head = kv_head * QUERIES_PER_KV + rows % GROUP  # [M]
+    row_ok = (tok < num_tokens) & (rows % GROUP < QUERIES_PER_KV)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    q_offs = tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
+    q = tl.load(q_ptr + q_offs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [M, D]
+
+    prefix = _aligned_prefix(prefix_len_ptr, PREFIX_ALIGN)
+    part_len = tl.cdiv(tl.cdiv(prefix, tl.num_programs(2)), BLOCK_N) * BLOCK_N
+    lo = tl.program_id(2) * part_len
+    hi = tl.minimum(prefix, lo + part_len)  # lo and hi are whole key steps
+
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc, l_i, m_i = _attend_keys(
+        acc, l_i, m_i, q, k_cache_ptr + kv_head * stride_kh, v_cache_ptr + kv_head * stride_vh,
+        block_tables_ptr, lo, hi, hi, tok, d, d_ok, qk_scale, soft_cap, 0,
+        stride_kb, stride_kt, stride_vb, stride_vt,
+        BLOCK_N, BLOCK_SIZE, False, False, USE_SOFT_CAP, PRECISION, INTERPRET,
+    )  # fmt: skip
+    num_heads = tl.num_programs(1) * QUERIES_PER_KV
+    part = (tok * num_heads + head) * num_parts + tl.program_id(2)
+    _store_partial(
+        part_acc_ptr, part_m_ptr, part_l_ptr, part, acc * v_scale, m_i, l_i, d, d_ok, row_ok,
+        HEAD_DIM,
+    )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -481,6 +584,8 @@ def _launch(
     k_scale: float,
     v_scale: float,
     num_splits: int,
+    prefix_len: torch.Tensor | None = None,
+    prefix_splits: int = 0,
 ) -> None:
     num_seqs = seq_lens.shape[0]
     num_heads, head_dim = q.shape[1:]
@@ -498,7 +603,15 @@ def _launch(
             (0, short_q, short_q * group),
             (short_q + 1, max_query_len, max_query_len * group),
         ]
-    partials = _split_partials(q, max_seq_len, num_splits, group, block_d, block_size)
+    partials = _split_partials(
+        q, max_seq_len, num_splits, group, block_d, block_size, prefix_splits
+    )
+    if prefix_splits:
+        assert prefix_len is not None
+        _launch_shared_prefix(
+            q, k_cache, v_cache, block_tables, prefix_len, partials, scale * k_scale, soft_cap,
+            v_scale, group, block_d,
+        )  # fmt: skip
     for min_q, max_q, rows in launches:
         block_m, block_n, num_warps, num_stages = _tile_config(rows, group, block_d, block_size)
         tiles_per_seq = cdiv(max_q, block_m // group)
@@ -506,51 +619,113 @@ def _launch(
         _paged_attention_kernel[grid](
             q, k_cache, v_cache, out, partials.acc, partials.m, partials.l,
             query_start_loc, seq_lens, block_tables,
+            prefix_len if prefix_len is not None else seq_lens,
             scale * k_scale, soft_cap, v_scale, sliding_window, tiles_per_seq,
-            min_q, max_q,
+            min_q, max_q, prefix_splits, partials.num_parts,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
             QUERIES_PER_KV=num_heads // num_kv_heads, GROUP=group, HEAD_DIM=head_dim,
             BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size,
             USE_WINDOW=sliding_window > 0, USE_SOFT_CAP=soft_cap > 0,
-            SPLIT=partials.num_splits > 1,
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=interpreting(),
+            SPLIT=partials.num_parts > 1, SKIP_PREFIX=prefix_splits > 0,
+            PREFIX_ALIGN=SHARED_PREFIX_ALIGN,
+            PRECISION=_precision(q), INTERPRET=interpreting(),
             num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
-    if partials.num_splits > 1:
+    if partials.num_parts > 1:
         _split_kv_reduce_kernel[(num_seqs, num_heads)](
-            out, partials.acc, partials.m, partials.l, query_start_loc, partials.num_splits,
+            out, partials.acc, partials.m, partials.l, query_start_loc, partials.num_parts,
             out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=next_pow2(partials.num_splits),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=next_pow2(partials.num_parts),
             INTERPRET=interpreting(), num_warps=4,
         )  # fmt: skip
 
 
+def _precision(q: torch.Tensor) -> str:
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def _launch_shared_prefix(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    prefix_len: torch.Tensor,
+    partials: _SplitPartials,
+    qk_scale: float,
+    soft_cap: float,
+    v_scale: float,
+    group: int,
+    block_d: int,
+) -> None:
+    num_tokens, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1:3]
+    block_m, block_n, num_warps, num_stages = _prefix_tile_config(
+        num_tokens, group, block_d, block_size
+    )
+    grid = (
+        cdiv(num_tokens * group, block_m),
+        num_kv_heads,
+        partials.num_parts - partials.num_splits,
+    )
+    _shared_prefix_kernel[grid](
+        q, k_cache, v_cache, partials.acc, partials.m, partials.l, block_tables, prefix_len,
+        qk_scale, soft_cap, v_scale, num_tokens, partials.num_parts,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        QUERIES_PER_KV=num_heads // num_kv_heads, GROUP=group, HEAD_DIM=head_dim,
+        BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size,
+        USE_SOFT_CAP=soft_cap > 0, PREFIX_ALIGN=SHARED_PREFIX_ALIGN,
+        PRECISION=_precision(q), INTERPRET=interpreting(),
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+
+
+def _prefix_tile_config(
+    num_tokens: int, group: int, block_d: int, block_size: int
+) -> tuple[int, int, int, int]:
+    """The shared-prefix kernel's tiles: every decode query of a KV head is a row."""
+    return _tile_config(max(num_tokens * group, 17), group, block_d, block_size)
+
+
 @dataclass
 class _SplitPartials:
-    """Split-KV buffers: each partition's unnormalized output, running max and sum."""
+    """Split-KV buffers: each partition's unnormalized output, running max and sum.
 
+    A cascade's shared-prefix splits come first, then num_splits of each sequence's own.
+    """
+
+    num_parts: int
     num_splits: int
-    acc: torch.Tensor  # [T, H, splits, D] float32
-    m: torch.Tensor  # [T, H, splits] float32
-    l: torch.Tensor  # noqa: E741  [T, H, splits] float32
+    acc: torch.Tensor  # [T, H, parts, D] float32
+    m: torch.Tensor  # [T, H, parts] float32
+    l: torch.Tensor  # noqa: E741  [T, H, parts] float32
 
 
 def _split_partials(
-    q: torch.Tensor, max_seq_len: int, num_splits: int, group: int, block_d: int, block_size: int
+    q: torch.Tensor,
+    max_seq_len: int,
+    num_splits: int,
+    group: int,
+    block_d: int,
+    block_size: int,
+    prefix_splits: int = 0,
 ) -> _SplitPartials:
-    if num_splits <= 1:
-        return _SplitPartials(1, q, q, q)  # placeholders, never touched
-    _, block_n, _, _ = _tile_config(group, group, block_d, block_size)
-    # Whole BLOCK_N steps per partition of the longest context; rounding up may leave
-    # fewer partitions. (The kernel cuts each sequence's own context into as many.)
-    partition_size = cdiv(cdiv(max_seq_len, num_splits), block_n) * block_n
-    num_splits = cdiv(max_seq_len, partition_size)
+    if num_splits <= 1 and not prefix_splits:
+        return _SplitPartials(1, 1, q, q, q)  # placeholders, never touched
+    if num_splits > 1:
+        _, block_n, _, _ = _tile_config(group, group, block_d, block_size)
+        # Whole BLOCK_N steps per partition of the longest context; rounding up may leave
+        # fewer partitions. (The kernel cuts each sequence's own context into as many.)
+        partition_size = cdiv(cdiv(max_seq_len, num_splits), block_n) * block_n
+        num_splits = cdiv(max_seq_len, partition_size)
+    num_splits = max(1, num_splits)
+    num_parts = prefix_splits + num_splits
     t, h, d = q.shape
-    acc = torch.empty((t, h, num_splits, d), dtype=torch.float32, device=q.device)
-    m = torch.empty((t, h, num_splits), dtype=torch.float32, device=q.device)
-    return _SplitPartials(num_splits, acc, m, torch.empty_like(m))
+    acc = torch.empty((t, h, num_parts, d), dtype=torch.float32, device=q.device)
+    m = torch.empty((t, h, num_parts), dtype=torch.float32, device=q.device)
+    return _SplitPartials(num_parts, num_splits, acc, m, torch.empty_like(m))
 
 
 def paged_attention_triton(
@@ -622,6 +797,69 @@ def paged_attention_split_kv_triton(
     )  # fmt: skip
 
 
+def paged_attention_cascade_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_query_len: int,
+    max_seq_len: int,
+    scale: float,
+    sliding_window: int = 0,
+    soft_cap: float = 0.0,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+    shared_prefix_len: torch.Tensor | None = None,
+    *,
+    num_splits: int = 1,
+    prefix_splits: int = 1,
+) -> None:
+    """Cascade `paged_attention_ref` for decode-only batches whose contexts share a prefix.
+
+    shared_prefix_len ([1] int32 on the device, so that a CUDA graph serves any value)
+    says that the first keys of every sequence sit in the same blocks, those of
+    block_tables row 0; it is rounded down to a multiple of SHARED_PREFIX_ALIGN and must
+    be below every seq_lens entry (not checked on the device). One kernel attends every
+    query to those keys, read once per tile of sequences; the split-KV kernel attends
+    each sequence's own keys in `num_splits` partitions; the merge kernel combines them.
+    No sliding window: its keys differ per sequence.
+    """
+    _check_attention_args(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables)
+    require(
+        max_query_len == 1,
+        lambda: f"cascade attention needs max_query_len == 1, got {max_query_len}",
+    )
+    require(sliding_window == 0, "cascade attention takes no sliding window")
+    require(
+        shared_prefix_len is not None
+        and shared_prefix_len.shape == (1,)
+        and shared_prefix_len.dtype in (torch.int32, torch.int64)
+        and shared_prefix_len.device == q.device,
+        "shared_prefix_len must be a [1] int32/int64 tensor on q's device",
+    )
+    require(num_splits >= 1 and prefix_splits >= 1, "num_splits and prefix_splits must be >= 1")
+    _launch(
+        q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, max_query_len,
+        max_seq_len, scale, sliding_window, soft_cap, k_scale, v_scale, num_splits=num_splits,
+        prefix_len=shared_prefix_len, prefix_splits=prefix_splits,
+    )  # fmt: skip
+
+
+def choose_prefix_splits(num_tokens: int, num_heads: int, num_kv_heads: int, sms: int) -> int:
+    """Partitions of a shared prefix: about two programs per multiprocessor, at most 16.
+
+    The prefix kernel has one program per (tile of decode rows, KV head), few at any
+    batch (8 tiles x 8 KV heads for 256 decodes of an 8B model), so it splits the keys.
+    """
+    group = next_pow2(num_heads // num_kv_heads)
+    block_m = _prefix_tile_config(num_tokens, group, 128, 16)[0]
+    programs = cdiv(num_tokens * group, block_m) * num_kv_heads
+    return max(1, min(cdiv(2 * sms, programs), 16))
+
+
 def choose_num_splits(
     num_seqs: int, num_kv_heads: int, max_query_len: int, max_seq_len: int, sms: int
 ) -> int:
@@ -659,10 +897,12 @@ def paged_attention(
     soft_cap: float = 0.0,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    shared_prefix_len: torch.Tensor | None = None,
 ) -> None:
     """Attention of every query in the batch over its paged context, written into out.
 
-    On CUDA (see kernels.dispatch) the Triton kernels run: split-KV when
+    On CUDA (see kernels.dispatch) the Triton kernels run: cascade attention when the
+    caller names a shared prefix (decode-only batches, no sliding window), split-KV when
     `choose_num_splits` says so (long decode-only batches), else the one-pass kernel.
     Elsewhere `paged_attention_ref` runs.
     """
@@ -671,11 +911,16 @@ def paged_attention(
         max_query_len, max_seq_len, scale, sliding_window, soft_cap, k_scale, v_scale,
     )  # fmt: skip
     if not use_triton(q):
-        paged_attention_ref(*args)
+        paged_attention_ref(*args, shared_prefix_len)
         return
     sms = num_sms(q.device.index if q.device.index is not None else 0) if q.is_cuda else 1
     splits = choose_num_splits(seq_lens.shape[0], k_cache.shape[2], max_query_len, max_seq_len, sms)
-    if splits > 1:
+    if shared_prefix_len is not None and max_query_len == 1 and sliding_window == 0:
+        prefix_splits = choose_prefix_splits(q.shape[0], q.shape[1], k_cache.shape[2], sms)
+        paged_attention_cascade_triton(
+            *args, shared_prefix_len, num_splits=splits, prefix_splits=prefix_splits
+        )
+    elif splits > 1:
         paged_attention_split_kv_triton(*args, num_splits=splits)
     else:
         paged_attention_triton(*args)

@@ -92,6 +92,7 @@ class Attention(nn.Module):
             self.soft_cap,
             self.k_scale,
             self.v_scale,
+            meta.shared_prefix_len,
         )
         return out
 

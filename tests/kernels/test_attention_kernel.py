@@ -7,9 +7,12 @@ import dataclasses
 import pytest
 import torch
 
+import kernels.attention
 from kernels.attention import (
     choose_num_splits,
+    choose_prefix_splits,
     paged_attention,
+    paged_attention_cascade_triton,
     paged_attention_ref,
     paged_attention_split_kv_triton,
     paged_attention_triton,
@@ -226,3 +229,108 @@ def test_rejects_bad_arguments(changes: dict[str, object], message: str) -> None
 def test_split_kv_rejects_prefill() -> None:
     with pytest.raises(ValueError, match="max_query_len == 1"):
         paged_attention_split_kv_triton(*_bad_args(), num_splits=2)  # type: ignore[arg-type]
+
+
+def _share_prefix(b: AttentionBatch, num_blocks: int) -> AttentionBatch:
+    """Every sequence's first num_blocks blocks become sequence 0's (a cached prefix)."""
+    tables = b.block_tables.clone()
+    tables[:, :num_blocks] = tables[0, :num_blocks]
+    return dataclasses.replace(b, block_tables=tables)
+
+
+def run_cascade(
+    b: AttentionBatch,
+    prefix_len: int,
+    scale: float,
+    soft_cap: float = 0.0,
+    num_splits: int = 1,
+    prefix_splits: int = 1,
+) -> torch.Tensor:
+    out = poisoned(tuple(b.q.shape), b.q.dtype)
+    paged_attention_cascade_triton(
+        b.q, b.k_cache, b.v_cache, out, b.query_start_loc, b.seq_lens, b.block_tables,
+        b.max_query_len, b.max_seq_len, scale, 0, soft_cap, 1.0, 1.0,
+        torch.tensor([prefix_len], dtype=torch.int32),
+        num_splits=num_splits, prefix_splits=prefix_splits,
+    )  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize(
+    ("seed", "heads", "kv_heads", "dtype", "prefix_len", "num_splits", "prefix_splits"),
+    [
+        (20, 4, 2, torch.float32, 256, 1, 1),
+        (21, 6, 2, torch.float32, 256, 3, 4),  # 3 query heads per KV head: a padded group
+        (22, 8, 1, torch.bfloat16, 128, 2, 3),
+        (23, 4, 2, torch.float32, 300, 1, 2),  # rounded down to 256; the rest goes per sequence
+        (24, 4, 4, torch.float32, 0, 2, 2),  # nothing shared this step
+    ],
+)
+def test_cascade_decode(
+    seed: int,
+    heads: int,
+    kv_heads: int,
+    dtype: torch.dtype,
+    prefix_len: int,
+    num_splits: int,
+    prefix_splits: int,
+) -> None:
+    # Seven decodes whose contexts share 256 keys (16 blocks of 16), then go their own ways;
+    # the third sequence has no query this step.
+    torch.manual_seed(seed)
+    b = make_attention_batch(
+        [1, 1, 0, 1, 1, 1, 1, 1], [257, 300, 280, 400, 258, 270, 333, 290], heads, kv_heads,
+        64, 16, dtype,
+    )  # fmt: skip
+    b = _share_prefix(b, 16)
+    ref = reference(b, 0.125)
+    out = run_cascade(b, prefix_len, 0.125, num_splits=num_splits, prefix_splits=prefix_splits)
+    assert_close(out, ref, TOLERANCE[dtype])
+
+
+def test_cascade_soft_cap_and_more_rows_than_a_tile() -> None:
+    # 40 decodes x 4 query heads: the prefix kernel takes them in several row tiles.
+    torch.manual_seed(25)
+    lens = [130 + 7 * i for i in range(40)]
+    b = _share_prefix(make_attention_batch([1] * 40, lens, 8, 2, 64, 16, torch.float32), 8)
+    ref = reference(b, 0.5, soft_cap=3.0)
+    assert_close(run_cascade(b, 128, 0.5, soft_cap=3.0), ref, TOLERANCE[torch.float32])
+
+
+def test_cascade_reads_the_prefix_from_row_0() -> None:
+    # The hint says the prefix is row 0's blocks: rows whose tables point elsewhere for
+    # those keys still get row 0's keys (so the kernel never reads their own table there).
+    torch.manual_seed(26)
+    b = make_attention_batch([1, 1, 1], [200, 190, 180], 4, 2, 64, 16, torch.float32)
+    shared = _share_prefix(b, 8)
+    assert rel_err(reference(b, 0.125), reference(shared, 0.125)) > 0.1
+    out = run_cascade(b, 128, 0.125)
+    assert_close(out, reference(shared, 0.125), TOLERANCE[torch.float32])
+
+
+def test_choose_prefix_splits() -> None:
+    # 256 decodes x 4 query heads per KV head in 128-row tiles, 8 KV heads: 64 programs
+    assert choose_prefix_splits(256, 32, 8, 132) == 5
+    assert choose_prefix_splits(8, 32, 8, 132) == 16  # capped
+    assert choose_prefix_splits(4096, 32, 8, 132) == 1  # a wave already
+
+
+def test_public_function_takes_the_cascade(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(27)
+    b = _share_prefix(make_attention_batch([1] * 8, [300] * 8, 4, 2, 64, 16, torch.float32), 16)
+    ref = reference(b, 0.125)
+    calls = []
+    cascade = paged_attention_cascade_triton
+    monkeypatch.setattr(
+        kernels.attention,
+        "paged_attention_cascade_triton",
+        lambda *a, **kw: calls.append(kw) or cascade(*a, **kw),
+    )
+    monkeypatch.setenv("TESSERA_KERNELS", "triton")
+    out = poisoned(tuple(b.q.shape), torch.float32)
+    paged_attention(
+        b.q, b.k_cache, b.v_cache, out, b.query_start_loc, b.seq_lens, b.block_tables,
+        b.max_query_len, b.max_seq_len, 0.125, shared_prefix_len=torch.tensor([256]),
+    )  # fmt: skip
+    assert len(calls) == 1
+    assert_close(out, ref, TOLERANCE[torch.float32])
