@@ -444,6 +444,14 @@ def time_cascade(copy_gbps: float, sms: int) -> None:
         fn = partial(paged_attention, *args, shared_prefix_len=prefix_tensor(prefix))
         splits = choose_prefix_splits(bs, HEADS, KV_HEADS, sms)
         record("attention cascade", shape, fn, nbytes, copy_gbps, prefix_splits=splits)
+        # what the choice of prefix partitions was made against
+        suffix_splits = choose_num_splits(bs, KV_HEADS, 1, max(lens), sms)
+        for other in sorted({1, 2, 4, 8} - {splits}):
+            fn = partial(
+                paged_attention_cascade_triton, *args, shared_prefix_len=prefix_tensor(prefix),
+                prefix_splits=other, num_splits=suffix_splits,
+            )  # fmt: skip
+            record(f"cascade P={other}", shape, fn, nbytes, copy_gbps, prefix_splits=other)
         del b, args, fn
 
 

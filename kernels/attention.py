@@ -267,7 +267,7 @@ def _paged_attention_kernel(
     tiles_per_seq,
     min_q_len,  # this launch skips sequences with fewer queries...
     max_q_len,  # ...or more
-    part_offset,  # this launch's splits fill partials part_offset.. (SPLIT only)
+    part_offset,  # partials before this launch's: the prefix's (SPLIT: fill from here on)
     num_parts,  # partials per (token, head) (SPLIT only)
     stride_qt,
     stride_qh,
@@ -327,19 +327,19 @@ def _paged_attention_kernel(
     if USE_WINDOW:
         lo = tl.maximum(first_pos - sliding_window + 1, 0)
         full_lo = tl.maximum(hi - sliding_window, 0)
+    kv_lo = 0
+    if SKIP_PREFIX:  # the shared prefix is _shared_prefix_kernel's
+        kv_lo = tl.minimum(_aligned_prefix(prefix_len_ptr, PREFIX_ALIGN), seq_len)
+        lo = tl.maximum(lo, kv_lo)
     if SPLIT:
         # This sequence's own context cut evenly, not the launch's bound (a CUDA graph's
-        # max_seq_len): short contexts then keep every split busy instead of one. A
-        # shared prefix is left to _shared_prefix_kernel: the splits cut the rest.
-        kv_lo = 0
-        if SKIP_PREFIX:
-            kv_lo = tl.minimum(_aligned_prefix(prefix_len_ptr, PREFIX_ALIGN), seq_len)
+        # max_seq_len): short contexts then keep every split busy instead of one.
         split = tl.program_id(2)
         part_len = tl.cdiv(tl.cdiv(seq_len - kv_lo, tl.num_programs(2)), BLOCK_N) * BLOCK_N
         lo = tl.maximum(lo, kv_lo + split * part_len)
         hi = tl.minimum(hi, kv_lo + (split + 1) * part_len)
-        full_lo = tl.maximum(full_lo, lo)
-        full_hi = tl.minimum(full_hi, hi)
+    full_lo = tl.maximum(full_lo, lo)
+    full_hi = tl.minimum(full_hi, hi)
     lo = (lo // BLOCK_N) * BLOCK_N
     # Whole unmasked steps [u_lo, u_hi); masked steps before and after them.
     u_lo = tl.cdiv(full_lo, BLOCK_N) * BLOCK_N
@@ -376,7 +376,24 @@ def _paged_attention_kernel(
             row_ok, HEAD_DIM,
         )  # fmt: skip
     else:
-        o = acc * (v_scale / tl.where(l_i > 0.0, l_i, 1.0))[:, None]
+        acc = acc * v_scale
+        if SKIP_PREFIX:  # and no split: fold in the prefix's partials (slots 0..part_offset)
+            num_heads = tl.num_programs(1) * QUERIES_PER_KV
+            first = ((q_start + tok) * num_heads + head) * num_parts  # [M]
+            for part in range(0, part_offset):
+                m_p = tl.load(part_m_ptr + first + part, mask=row_ok, other=-1.0e30)
+                l_p = tl.load(part_l_ptr + first + part, mask=row_ok, other=0.0)
+                acc_offs = (first + part).to(tl.int64)[:, None] * HEAD_DIM + d[None, :]
+                acc_p = tl.load(
+                    part_acc_ptr + acc_offs, mask=row_ok[:, None] & d_ok[None, :], other=0.0
+                )
+                m_new = tl.maximum(m_i, m_p)
+                alpha = tl.exp2(m_i - m_new)
+                beta = tl.exp2(m_p - m_new)
+                acc = acc * alpha[:, None] + acc_p * beta[:, None]
+                l_i = l_i * alpha + l_p * beta
+                m_i = m_new
+        o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         o_offs = (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
         o = cast_to(o, out_ptr.dtype.element_ty, INTERPRET)
         tl.store(out_ptr + o_offs, o, mask=row_ok[:, None] & d_ok[None, :])
@@ -610,7 +627,7 @@ def _launch(
         assert prefix_len is not None
         _launch_shared_prefix(
             q, k_cache, v_cache, block_tables, prefix_len, partials, scale * k_scale, soft_cap,
-            v_scale, group, block_d,
+            v_scale, group, block_d, prefix_splits,
         )  # fmt: skip
     for min_q, max_q, rows in launches:
         block_m, block_n, num_warps, num_stages = _tile_config(rows, group, block_d, block_size)
@@ -628,12 +645,12 @@ def _launch(
             QUERIES_PER_KV=num_heads // num_kv_heads, GROUP=group, HEAD_DIM=head_dim,
             BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size,
             USE_WINDOW=sliding_window > 0, USE_SOFT_CAP=soft_cap > 0,
-            SPLIT=partials.num_parts > 1, SKIP_PREFIX=prefix_splits > 0,
+            SPLIT=partials.num_splits > 1, SKIP_PREFIX=prefix_splits > 0,
             PREFIX_ALIGN=SHARED_PREFIX_ALIGN,
             PRECISION=_precision(q), INTERPRET=interpreting(),
             num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
-    if partials.num_parts > 1:
+    if partials.num_splits > 1:
         _split_kv_reduce_kernel[(num_seqs, num_heads)](
             out, partials.acc, partials.m, partials.l, query_start_loc, partials.num_parts,
             out.stride(0), out.stride(1),
@@ -658,17 +675,14 @@ def _launch_shared_prefix(
     v_scale: float,
     group: int,
     block_d: int,
+    prefix_splits: int,
 ) -> None:
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1:3]
     block_m, block_n, num_warps, num_stages = _prefix_tile_config(
         num_tokens, group, block_d, block_size
     )
-    grid = (
-        cdiv(num_tokens * group, block_m),
-        num_kv_heads,
-        partials.num_parts - partials.num_splits,
-    )
+    grid = (cdiv(num_tokens * group, block_m), num_kv_heads, prefix_splits)
     _shared_prefix_kernel[grid](
         q, k_cache, v_cache, partials.acc, partials.m, partials.l, block_tables, prefix_len,
         qk_scale, soft_cap, v_scale, num_tokens, partials.num_parts,
@@ -693,7 +707,8 @@ def _prefix_tile_config(
 class _SplitPartials:
     """Split-KV buffers: each partition's unnormalized output, running max and sum.
 
-    A cascade's shared-prefix splits come first, then num_splits of each sequence's own.
+    A cascade's shared-prefix splits come first, then the num_splits of each sequence's
+    own keys when those are more than one (one split merges the prefix's itself).
     """
 
     num_parts: int
@@ -721,7 +736,8 @@ def _split_partials(
         partition_size = cdiv(cdiv(max_seq_len, num_splits), block_n) * block_n
         num_splits = cdiv(max_seq_len, partition_size)
     num_splits = max(1, num_splits)
-    num_parts = prefix_splits + num_splits
+    # one split of a sequence's own keys merges the prefix's partials itself
+    num_parts = prefix_splits + (num_splits if num_splits > 1 else 0)
     t, h, d = q.shape
     acc = torch.empty((t, h, num_parts, d), dtype=torch.float32, device=q.device)
     m = torch.empty((t, h, num_parts), dtype=torch.float32, device=q.device)
