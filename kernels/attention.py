@@ -865,15 +865,19 @@ def paged_attention_cascade_triton(
 
 
 def choose_prefix_splits(num_tokens: int, num_heads: int, num_kv_heads: int, sms: int) -> int:
-    """Partitions of a shared prefix: about two programs per multiprocessor, at most 16.
+    """Partitions of a shared prefix: about one wave of programs, at most 16.
 
     The prefix kernel has one program per (tile of decode rows, KV head), few at any
-    batch (8 tiles x 8 KV heads for 256 decodes of an 8B model), so it splits the keys.
+    batch (8 tiles x 8 KV heads for 256 decodes of an 8B model), so it splits the keys;
+    each partition adds a float32 partial per query head that the paged kernel reads
+    back, so no more than fill the GPU once. H100, 8B shape, 896 shared keys
+    (bench/kernels_gpu.py): 256 decodes 118 us with 2 partitions against 129 with 4 and
+    151 with 8; 64 decodes 47-48 us with 4-8 against 61 with 1.
     """
     group = next_pow2(num_heads // num_kv_heads)
     block_m = _prefix_tile_config(num_tokens, group, 128, 16)[0]
     programs = cdiv(num_tokens * group, block_m) * num_kv_heads
-    return max(1, min(cdiv(2 * sms, programs), 16))
+    return max(1, min(sms // programs, 16))
 
 
 def choose_num_splits(

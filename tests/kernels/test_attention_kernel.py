@@ -310,7 +310,8 @@ def test_cascade_reads_the_prefix_from_row_0() -> None:
 
 def test_choose_prefix_splits() -> None:
     # 256 decodes x 4 query heads per KV head in 128-row tiles, 8 KV heads: 64 programs
-    assert choose_prefix_splits(256, 32, 8, 132) == 5
+    assert choose_prefix_splits(256, 32, 8, 132) == 2
+    assert choose_prefix_splits(64, 32, 8, 132) == 8
     assert choose_prefix_splits(8, 32, 8, 132) == 16  # capped
     assert choose_prefix_splits(4096, 32, 8, 132) == 1  # a wave already
 
