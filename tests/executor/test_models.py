@@ -189,7 +189,11 @@ def test_forward_without_cache_equals_paged(arch: str, tmp_path: Path) -> None:
     torch.testing.assert_close(got, want, atol=5e-4, rtol=1e-5)  # see the chunked test
 
 
-def test_attention_soft_cap_without_cache_equals_paged() -> None:
+@pytest.mark.parametrize("query_block", [1024, 3])  # 3: the capped path goes in blocks
+def test_attention_soft_cap_without_cache_equals_paged(
+    query_block: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("executor.layers.attention.CAPPED_QUERY_BLOCK", query_block)
     torch.manual_seed(0)
     t, h, hk, d = 7, 4, 2, 16
     layer = Attention(h, d, d**-0.5, hk, layer_idx=0, sliding_window=3, soft_cap=5.0)
