@@ -177,10 +177,9 @@ def run_serve(args: argparse.Namespace) -> int:
         _fail(2, str(error))
     served = config.model.served_model_names or [config.model.model]
     options = _server_options(args, served, chat_template)
-    tokenizer = _load_tokenizer(config)
     sock = _bind(args.host, args.port)
     runner_loop = _event_loop_runner()
-    return runner_loop(_serve(config, tokenizer, options, sock, args.host))
+    return runner_loop(_serve(config, options, sock, args.host))
 
 
 def _setup_logging(level: str) -> None:
@@ -249,7 +248,13 @@ def _server_options(
     )
 
 
+class _TokenizerError(Exception):
+    pass
+
+
 def _load_tokenizer(config: Any) -> Any | None:
+    # In a thread while the engine cores start: importing transformers and reading
+    # the tokenizer take seconds, which no longer come before the engine's own start.
     m = config.model
     if m.skip_tokenizer_init or m.tokenizer is None:
         return None
@@ -259,7 +264,7 @@ def _load_tokenizer(config: Any) -> Any | None:
     try:
         return Tokenizer.load(m.tokenizer, gguf, m.tokenizer_mode, m.trust_remote_code)
     except (OSError, ValueError) as error:
-        _fail(1, f"cannot load the tokenizer: {error}")
+        raise _TokenizerError(f"cannot load the tokenizer: {error}") from None
 
 
 def _bind(host: str | None, port: int) -> socket.socket:
@@ -289,7 +294,6 @@ def _event_loop_runner() -> Any:
 
 async def _serve(
     config: Any,
-    tokenizer: Any | None,
     options: ServerOptions,
     sock: socket.socket,
     host: str | None,
@@ -300,11 +304,12 @@ async def _serve(
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    tokenizer = loop.run_in_executor(None, _load_tokenizer, config)
     client = await _start_engine(AsyncEngineClient, config, tokenizer, stop)
     if client is None:
         return 0 if stop.is_set() else 1
     try:
-        await _run_http(client, config, tokenizer, options, sock, host, stop)
+        await _run_http(client, config, client.tokenizer, options, sock, host, stop)
     finally:
         await client.shutdown()
         logger.info("shut down")
@@ -367,6 +372,9 @@ async def _start_engine(cls: Any, config: Any, tokenizer: Any, stop: asyncio.Eve
         return None
     try:
         return start.result()
+    except _TokenizerError as error:
+        print(f"tessera serve: error: {error}", file=sys.stderr, flush=True)
+        return None
     except Exception as error:
         logger.error("the engine failed to start: %s", error)
         return None

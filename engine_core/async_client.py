@@ -13,15 +13,23 @@ requests are refused, those on the other cores run to their end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import itertools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import zmq
 import zmq.asyncio
 
-from engine_core.client import CoreProcess, EngineDeadError, start_cores, stop_cores
+from engine_core.client import (
+    CoreProcess,
+    EngineDeadError,
+    close_live_cores,
+    start_cores,
+    stop_cores,
+)
 from engine_core.config import ConfigError
 from engine_core.dp import LoadBalancer, combine_results, total_stats
 from engine_core.messages import (
@@ -46,9 +54,7 @@ logger = logging.getLogger(__name__)
 class AsyncEngineClient:
     def __init__(self, config: EngineConfig, tokenizer: Any | None) -> None:
         self.config = config
-        self.tokenizer = tokenizer
-        self.inputs = InputProcessor(config, tokenizer)
-        self.outputs = OutputProcessor(tokenizer)
+        self._use_tokenizer(tokenizer)
         num_cores = config.parallel.data_parallel_size
         self.balancer = LoadBalancer(num_cores)
         self._sync_ctx = make_context(zmq.Context)
@@ -70,20 +76,34 @@ class AsyncEngineClient:
         # callables(EngineCoreOutputs, core index), e.g. the server's metrics
         self.stats_listeners: list[Any] = []
 
+    def _use_tokenizer(self, tokenizer: Any | None) -> None:
+        self.tokenizer = tokenizer
+        self.inputs = InputProcessor(self.config, tokenizer)
+        self.outputs = OutputProcessor(tokenizer)
+
     @classmethod
-    async def start(cls, config: EngineConfig, tokenizer: Any | None) -> AsyncEngineClient:
+    async def start(
+        cls, config: EngineConfig, tokenizer: Any | None | Awaitable[Any | None]
+    ) -> AsyncEngineClient:
+        """Start the engine cores; ready once all are. An awaitable tokenizer (the
+        server's, loading in a thread) is awaited while they start."""
         if config.parallel.distributed_executor_backend == "external_launcher":
             raise ConfigError(
                 "distributed_executor_backend",
                 "external_launcher",
                 "it runs the offline LLM in each torchrun rank; a server needs mp or uni",
             )
-        self = cls(config, tokenizer)
+        self = cls(config, None)
         loop = asyncio.get_running_loop()
         # the handshake blocks (model loading): keep the event loop free meanwhile
+        cores = loop.run_in_executor(None, start_cores, config, self._sync_ctx)
         try:
-            self._cores = await loop.run_in_executor(None, start_cores, config, self._sync_ctx)
+            if inspect.isawaitable(tokenizer):  # loading while the cores start
+                tokenizer = await tokenizer
+            self._use_tokenizer(tokenizer)
+            self._cores = await cores
         except BaseException:
+            await _stop_starting(cores)
             self._sync_ctx.destroy(linger=0)
             raise
         self.core_num_blocks = [core.num_blocks for core in self._cores]
@@ -285,3 +305,13 @@ class AsyncEngineClient:
                 out.close()
             self._actx.destroy(linger=0)
         self._sync_ctx.destroy(linger=0)
+
+
+async def _stop_starting(cores: asyncio.Future[list[CoreProcess]]) -> None:
+    """Stop engine cores that are starting or started, after a failure beside them."""
+    if not cores.done():
+        close_live_cores()  # ends the starting processes: the handshake returns at once
+        with contextlib.suppress(BaseException):
+            await cores
+    elif not cores.cancelled() and cores.exception() is None:
+        stop_cores(cores.result())

@@ -66,7 +66,8 @@ from engine_core.args import (
     parse_mm_limits,
     parse_optional_str,
 )
-from engine_core.gguf_config import gguf_hf_config
+from engine_core.config_cache import folder_hf_config, generation_config, gguf_hf_config
+from engine_core.cuda_devices import cuda_device_count
 from engine_core.models_alias import AliasNotInstalledError, is_alias, resolve_alias
 from executor.config import (
     ArgumentError,
@@ -614,12 +615,10 @@ def load_hf_config(files: ModelFiles, flag: str, name: str) -> dict[str, Any]:
 @functools.lru_cache(maxsize=8)
 def _read_hf_config(path: str, is_gguf: bool, mtime_ns: int) -> dict[str, Any]:
     # Cached per file version: tests and the offline LLM may resolve the same model
-    # many times in one process. A GGUF's config is also cached on disk (gguf_config.py).
+    # many times in one process; and on disk, across processes (config_cache.py).
     if is_gguf:
         return gguf_hf_config(path)
-    from transformers import AutoConfig
-
-    return _plain(AutoConfig.from_pretrained(path, local_files_only=True).to_dict())
+    return folder_hf_config(path)
 
 
 def _plain(value: Any) -> Any:
@@ -778,17 +777,12 @@ def _read_generation_config(folder: Path, required: bool) -> dict[str, Any]:
                 "--generation-config", str(folder), "no generation_config.json in that folder"
             )
         return {}
-    from transformers import GenerationConfig
-
     try:
-        config = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
+        return generation_config(folder)
     except (OSError, ValueError) as error:
         raise ConfigError(
             "--generation-config", str(folder), f"cannot read generation_config.json: {error}"
         ) from None
-    values = _plain(config.to_diff_dict())
-    values.pop("transformers_version", None)
-    return values
 
 
 # ---------------------------------------------------------------------------
@@ -797,11 +791,9 @@ def _read_generation_config(folder: Path, required: bool) -> dict[str, Any]:
 
 def resolve_device(requested: str) -> str:
     """cpu | cuda."""
-    import torch
-
     if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
+        return "cuda" if cuda_device_count() > 0 else "cpu"
+    if requested == "cuda" and cuda_device_count() == 0:
         raise ConfigError("--device", requested, "no CUDA device is visible to torch")
     return requested
 
@@ -1039,9 +1031,7 @@ def local_device_count(device: str) -> int | None:
     """The GPUs of this machine; None on the CPU, which sets no limit on ranks."""
     if device != "cuda":
         return None
-    import torch
-
-    return torch.cuda.device_count()
+    return cuda_device_count()
 
 
 def ray_installed() -> bool:
@@ -1089,7 +1079,11 @@ def _check_launcher(args: EngineArgs) -> None:
 
 
 def _check_worker_class(parallel: ParallelConfig) -> None:
-    # Imported here too, so that a wrong name fails before any worker starts.
+    # Imported here too, so that a wrong name fails before any worker starts. (The
+    # built-in worker needs no check: importing it would import torch, seconds of the
+    # server's start.)
+    if parallel.worker_cls == "auto" and not parallel.worker_extension_cls:
+        return
     from executor.worker import worker_class
 
     try:
@@ -1100,9 +1094,7 @@ def _check_worker_class(parallel: ParallelConfig) -> None:
 
 def _check_device_count(tp: int, pp: int, dp: int) -> None:
     """Each data-parallel rank runs TP x PP workers, each on its own GPU."""
-    import torch
-
-    visible = torch.cuda.device_count()
+    visible = cuda_device_count()
     if tp * pp * dp <= visible:
         return
     if dp == 1:

@@ -131,3 +131,28 @@ def engine_core(server) -> psutil.Process:
         if "spawn_main" in " ".join(child.cmdline()):
             return child
     raise AssertionError("no engine-core process")
+
+
+def test_a_broken_tokenizer_fails_the_start_without_orphans(tmp_path):
+    # The tokenizer loads while the engine core starts: its failure must still end the
+    # server with the error, and stop the engine processes already started.
+    from tests.helpers.tiny_models import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "llama", "llama")
+    (model / "tokenizer.json").write_text("{not json")
+    server = launch(["--max-model-len", "256"], model=str(model))
+    seen: dict[int, psutil.Process] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while server.proc.poll() is None and time.monotonic() < deadline:
+            seen.update((p.pid, p) for p in process_tree(server.proc.pid))
+            time.sleep(0.05)
+        tree = list(seen.values())
+        assert len(tree) >= 2, "the engine core never started: nothing to clean up"
+        assert server.proc.returncode == 1, server.log_tail()
+        assert "error: cannot load the tokenizer" in server.log_tail()
+        assert not wait_gone(tree), "engine processes outlived the server"
+    finally:
+        kill_all(alive(list(seen.values())))
+        if server.proc.poll() is None:
+            server.proc.kill()

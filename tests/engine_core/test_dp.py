@@ -116,10 +116,7 @@ def test_each_rank_gets_its_own_devices(model):
 
 
 def test_too_few_gpus_for_dp_x_tp_is_refused(model, monkeypatch):
-    import torch
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr("engine_core.config.cuda_device_count", lambda: 2)
     args = dict(model=model, max_model_len=256, device="cuda")
     with pytest.raises(ConfigError) as error:
         resolve_config(EngineArgs(**args, data_parallel_size=2, tensor_parallel_size=2))

@@ -14,7 +14,6 @@ from typing import Any
 
 import psutil
 import pytest
-import torch
 
 import engine_core.config as config_module
 from engine_core import LLM, SamplingParams
@@ -94,7 +93,7 @@ def test_ray_tp2_equals_tp1_and_cleans_up(ray_cluster, tmp_path, monkeypatch):
 
 
 def test_auto_backend_is_ray_beyond_the_local_gpus(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(config_module, "cuda_device_count", lambda: 2)
     monkeypatch.setattr(config_module, "ray_installed", lambda: True)
     assert auto_backend(2, 2, "cuda") == "mp"
     assert auto_backend(4, 4, "cuda") == "ray"
