@@ -21,6 +21,7 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, NoReturn
 
 from aiohttp import web
@@ -253,8 +254,8 @@ class _TokenizerError(Exception):
 
 
 def _load_tokenizer(config: Any) -> Any | None:
-    # In a thread while the engine cores start: importing transformers and reading
-    # the tokenizer take seconds, which no longer come before the engine's own start.
+    # In a thread while the engine cores start (AsyncEngineClient.start): importing
+    # transformers and reading the tokenizer take seconds.
     m = config.model
     if m.skip_tokenizer_init or m.tokenizer is None:
         return None
@@ -304,8 +305,7 @@ async def _serve(
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    tokenizer = loop.run_in_executor(None, _load_tokenizer, config)
-    client = await _start_engine(AsyncEngineClient, config, tokenizer, stop)
+    client = await _start_engine(AsyncEngineClient, config, stop)
     if client is None:
         return 0 if stop.is_set() else 1
     try:
@@ -355,9 +355,11 @@ async def _run_http(
         await runner.cleanup()
 
 
-async def _start_engine(cls: Any, config: Any, tokenizer: Any, stop: asyncio.Event) -> Any:
+async def _start_engine(cls: Any, config: Any, stop: asyncio.Event) -> Any:
     """The started engine client; None when startup failed or a signal came first."""
-    start = asyncio.ensure_future(cls.start(config, tokenizer))
+    start = asyncio.ensure_future(
+        cls.start(config, load_tokenizer=partial(_load_tokenizer, config))
+    )
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
     stopped.cancel()

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import itertools
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import zmq
@@ -83,10 +82,17 @@ class AsyncEngineClient:
 
     @classmethod
     async def start(
-        cls, config: EngineConfig, tokenizer: Any | None | Awaitable[Any | None]
+        cls,
+        config: EngineConfig,
+        tokenizer: Any | None = None,
+        *,
+        load_tokenizer: Callable[[], Any | None] | None = None,
     ) -> AsyncEngineClient:
-        """Start the engine cores; ready once all are. An awaitable tokenizer (the
-        server's, loading in a thread) is awaited while they start."""
+        """Start the engine cores; ready once all are. load_tokenizer (instead of a
+        tokenizer) runs in a thread once the cores have their configs: importing
+        transformers (and torch) takes seconds, which then overlap the cores' own start
+        instead of coming before it, or holding this process's interpreter while the
+        handshake with the cores needs it."""
         if config.parallel.distributed_executor_backend == "external_launcher":
             raise ConfigError(
                 "distributed_executor_backend",
@@ -96,10 +102,22 @@ class AsyncEngineClient:
         self = cls(config, None)
         loop = asyncio.get_running_loop()
         # the handshake blocks (model loading): keep the event loop free meanwhile
-        cores = loop.run_in_executor(None, start_cores, config, self._sync_ctx)
+        configured = loop.create_future()
+
+        def set_configured() -> None:
+            if not configured.done():
+                configured.set_result(None)
+
+        def on_configured() -> None:  # in start_cores' thread
+            loop.call_soon_threadsafe(set_configured)
+
+        cores = loop.run_in_executor(None, start_cores, config, self._sync_ctx, on_configured)
         try:
-            if inspect.isawaitable(tokenizer):  # loading while the cores start
-                tokenizer = await tokenizer
+            if load_tokenizer is not None:
+                await asyncio.wait({cores, configured}, return_when=asyncio.FIRST_COMPLETED)
+                if cores.done():
+                    await cores  # raises if the cores failed before their configs
+                tokenizer = await loop.run_in_executor(None, load_tokenizer)
             self._use_tokenizer(tokenizer)
             self._cores = await cores
         except BaseException:

@@ -15,6 +15,7 @@ import os
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -180,15 +181,20 @@ class CoreProcess:
         self.ipc.close()
 
 
-def start_cores(config: EngineConfig, ctx: zmq.Context) -> list[CoreProcess]:
+def start_cores(
+    config: EngineConfig, ctx: zmq.Context, on_configured: Callable[[], None] | None = None
+) -> list[CoreProcess]:
     """One engine-core process per data-parallel rank, all ready. They load their
-    models at the same time; if one fails to start, all are stopped."""
+    models at the same time; if one fails to start, all are stopped. on_configured is
+    called once every core has its config (and is loading on its own)."""
     cores: list[CoreProcess] = []
     try:
         for rank_config in rank_configs(config):
             cores.append(CoreProcess(rank_config, ctx))
         for core in cores:
             core.send_config()
+        if on_configured is not None:
+            on_configured()
         for core in cores:
             core.await_ready()
     except BaseException:
