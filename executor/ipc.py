@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import multiprocessing
 import os
 import shutil
 import signal
@@ -123,13 +124,21 @@ def spawn_process(target: Any, args: tuple, name: str) -> Any:
 
 
 def die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (no orphans)."""
+    """Ask Linux to SIGKILL this process when its parent dies (no orphans).
+
+    A parent that died before the request (a server stopped while this process was
+    still starting: spawn takes a second or more) sends no signal: the process is
+    already someone else's child then, and exits at once.
+    """
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         pr_set_pdeathsig = 1
         libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
     except OSError:
         logger.debug("prctl unavailable; relying on the parent watchdog only")
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        os._exit(1)
 
 
 def parent_alive(parent_pid: int) -> bool:
