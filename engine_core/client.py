@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import logging
+import multiprocessing.util  # noqa: F401  (its exit hook first: see close_live_cores)
 import os
 import time
 import weakref
@@ -57,8 +58,10 @@ def close_live_cores() -> None:
     """Shut down every engine client and core process still running.
 
     Runs at exit before multiprocessing's own hook (which would wait forever on a core
-    that is still serving) and before pyzmq's (which would wait forever on open
-    sockets); also callable from signal handlers.
+    or worker that is still serving) and before pyzmq's (which would wait forever on
+    open sockets): exit hooks run last-registered first, and multiprocessing registers
+    its hook when multiprocessing.util is first imported, which this module therefore
+    does before it registers this one. Also callable from signal handlers.
     """
     for client in list(_live_clients):
         client.shutdown()

@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import signal
+import threading
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -49,6 +50,7 @@ class WorkerAddresses(msgspec.Struct, frozen=True):
 def worker_main(rank: int, local_rank: int, addrs: WorkerAddresses, log_level: int) -> None:
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine core decides when we stop
+    _thread_lock_for_progress_bars()
     logging.basicConfig(
         level=log_level, format=f"%(asctime)s worker{rank} %(levelname)s %(message)s"
     )
@@ -173,3 +175,12 @@ def run_rpc(worker: Any, rank: int, call: WorkerRpc) -> WorkerRpcResult:
         return WorkerRpcResult(call.call_id, rank, result)
     except Exception as e:
         return WorkerRpcResult(call.call_id, rank, error=f"{type(e).__name__}: {e}")
+
+
+def _thread_lock_for_progress_bars() -> None:
+    # tqdm's default lock (the weight loaders' progress bars) is a named
+    # multiprocessing semaphore, which a worker killed at shutdown never unlinks: the
+    # resource tracker then warns of a leak. This process shares no bars with others.
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())

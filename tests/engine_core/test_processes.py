@@ -270,3 +270,25 @@ def test_malformed_frame_is_dropped_not_fatal(model):
 
     asyncio.run(run())
     assert_no_children()
+
+
+@pytest.mark.parametrize("in_process_core", [True, False])
+def test_a_script_that_never_shuts_down_exits_cleanly(tmp_path, in_process_core):
+    # No LLM.shutdown(): the exit hook stops the engine and its worker processes (the
+    # in-process core's mp workers used to be joined forever), and nothing is left for
+    # the resource tracker to report (the workers' progress-bar semaphore was).
+    import subprocess
+    import sys
+
+    model = make_tiny_model(tmp_path / "llama", "llama")
+    script = (
+        "from engine_core import LLM, SamplingParams\n"
+        f"llm = LLM({str(model)!r}, max_model_len=128)\n"
+        "llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2), use_tqdm=False)\n"
+    )
+    env = {**os.environ, "TESSERA_ENABLE_MULTIPROCESSING": "0" if in_process_core else "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=180, env=env
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "leaked" not in result.stderr, result.stderr[-2000:]
