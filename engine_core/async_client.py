@@ -22,13 +22,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from engine_core.client import (
-    CoreProcess,
-    EngineDeadError,
-    close_live_cores,
-    start_cores,
-    stop_cores,
-)
+from engine_core.client import CoreProcess, EngineDeadError, start_cores, stop_cores
 from engine_core.config import ConfigError
 from engine_core.dp import LoadBalancer, combine_results, total_stats
 from engine_core.messages import (
@@ -103,12 +97,14 @@ class AsyncEngineClient:
         loop = asyncio.get_running_loop()
         # the handshake blocks (model loading): keep the event loop free meanwhile
         configured = loop.create_future()
+        starting: list[CoreProcess] = []
 
         def set_configured() -> None:
             if not configured.done():
                 configured.set_result(None)
 
-        def on_configured() -> None:  # in start_cores' thread
+        def on_configured(cores: list[CoreProcess]) -> None:  # in start_cores' thread
+            starting.extend(cores)
             loop.call_soon_threadsafe(set_configured)
 
         cores = loop.run_in_executor(None, start_cores, config, self._sync_ctx, on_configured)
@@ -121,7 +117,7 @@ class AsyncEngineClient:
             self._use_tokenizer(tokenizer)
             self._cores = await cores
         except BaseException:
-            await _stop_starting(cores)
+            await _stop_starting(cores, starting)
             self._sync_ctx.destroy(linger=0)
             raise
         self.core_num_blocks = [core.num_blocks for core in self._cores]
@@ -325,11 +321,16 @@ class AsyncEngineClient:
         self._sync_ctx.destroy(linger=0)
 
 
-async def _stop_starting(cores: asyncio.Future[list[CoreProcess]]) -> None:
-    """Stop engine cores that are starting or started, after a failure beside them."""
+async def _stop_starting(
+    cores: asyncio.Future[list[CoreProcess]], starting: list[CoreProcess]
+) -> None:
+    """Stop this client's engine cores, starting or started, after a failure beside
+    them (the tokenizer's). A core still starting is only signalled: start_cores, in its
+    own thread, sees it exit and stops and closes them all."""
     if not cores.done():
-        close_live_cores()  # ends the starting processes: the handshake returns at once
+        for core in starting:
+            core.terminate()
         with contextlib.suppress(BaseException):
             await cores
-    elif not cores.cancelled() and cores.exception() is None:
+    if not cores.cancelled() and cores.exception() is None:
         stop_cores(cores.result())

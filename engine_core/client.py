@@ -185,11 +185,14 @@ class CoreProcess:
 
 
 def start_cores(
-    config: EngineConfig, ctx: zmq.Context, on_configured: Callable[[], None] | None = None
+    config: EngineConfig,
+    ctx: zmq.Context,
+    on_configured: Callable[[list[CoreProcess]], None] | None = None,
 ) -> list[CoreProcess]:
     """One engine-core process per data-parallel rank, all ready. They load their
-    models at the same time; if one fails to start, all are stopped. on_configured is
-    called once every core has its config (and is loading on its own)."""
+    models at the same time; if one fails to start, all are stopped. on_configured gets
+    the cores once every one has its config (and is loading on its own): terminating
+    one of them then makes this call stop them all and raise."""
     cores: list[CoreProcess] = []
     try:
         for rank_config in rank_configs(config):
@@ -197,7 +200,7 @@ def start_cores(
         for core in cores:
             core.send_config()
         if on_configured is not None:
-            on_configured()
+            on_configured(list(cores))
         for core in cores:
             core.await_ready()
     except BaseException:

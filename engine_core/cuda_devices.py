@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import ctypes
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -72,6 +73,7 @@ def visible_count(visible: str, physical: int) -> int:
     return min(count, physical)
 
 
+@functools.cache  # asked up to three times by one resolve_config; GPUs stay put
 def _nvml_device_count() -> int | None:
     try:
         nvml = ctypes.CDLL("libnvidia-ml.so.1")

@@ -5,8 +5,8 @@ hold the same physical blocks for that start. A decode step over many of them wo
 read those blocks once per sequence; the cascade kernel
 (`kernels.attention.paged_attention_cascade_triton`) reads them once per tile of
 sequences. It pays only when the prefix is long and the batch wide, so small cases
-keep the plain kernel (the thresholds follow the partial-result traffic the cascade
-adds: two more launches and a float32 partial per query head).
+keep the plain kernel (the thresholds follow what the cascade adds: one more launch,
+and a float32 partial per query head and prefix partition written and read back).
 """
 
 from __future__ import annotations

@@ -839,8 +839,9 @@ def paged_attention_cascade_triton(
     says that the first keys of every sequence sit in the same blocks, those of
     block_tables row 0; it is rounded down to a multiple of SHARED_PREFIX_ALIGN and must
     be below every seq_lens entry (not checked on the device). One kernel attends every
-    query to those keys, read once per tile of sequences; the split-KV kernel attends
-    each sequence's own keys in `num_splits` partitions; the merge kernel combines them.
+    query to those keys in `prefix_splits` partitions, read once per tile of sequences;
+    the paged kernel attends each sequence's own keys and folds the prefix's partials in
+    itself, or, with `num_splits` > 1, leaves its own partials to the merge kernel.
     No sliding window: its keys differ per sequence.
     """
     _check_attention_args(q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables)
