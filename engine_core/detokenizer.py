@@ -28,10 +28,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import tokenizers.decoders
-from transformers import PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # not at run time: transformers takes seconds to import (tokenizer.py)
+    from transformers import PreTrainedTokenizerBase
 
 from engine_core.tokenizer import Tokenizer
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from functools import cached_property
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-import transformers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+if TYPE_CHECKING:  # transformers (and the torch it imports) takes seconds: see load_tokenizer
+    from transformers import PreTrainedTokenizerBase
 
 TOKENIZER_MODES = ("auto", "slow", "mistral", "custom")
 
@@ -47,7 +47,13 @@ def load_tokenizer(
     names a GGUF file inside the folder `path`. `mode` is --tokenizer-mode: `auto` takes the fast
     tokenizer when there is one, `slow` insists on a slow (pure Python) tokenizer and fails when
     the model has none. Raises `TokenizerLoadError` naming the path when nothing loads.
+
+    transformers is imported here, not with this module: the API server imports this module
+    before it starts the engine cores, and transformers (with torch) takes seconds to import,
+    which then delay the whole start instead of overlapping the cores' own.
     """
+    import transformers
+
     path = os.fspath(path)
     if mode not in TOKENIZER_MODES:
         raise ValueError(
@@ -88,6 +94,8 @@ def _load_gguf(gguf_path: str) -> PreTrainedTokenizerBase:
     if not os.path.isfile(gguf_path):
         raise TokenizerLoadError(f"cannot load a tokenizer: GGUF file {gguf_path} does not exist")
     folder, name = os.path.split(os.path.abspath(gguf_path))
+    from transformers import PreTrainedTokenizerFast
+
     try:
         return PreTrainedTokenizerFast.from_pretrained(folder, gguf_file=name)
     except (OSError, ValueError, KeyError) as exc:
@@ -99,6 +107,8 @@ def _load_gguf(gguf_path: str) -> PreTrainedTokenizerBase:
 def _load_folder(
     path: str, slow: bool, trust_remote_code: bool, revision: str | None
 ) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(
             path, use_fast=not slow, trust_remote_code=trust_remote_code, revision=revision

@@ -5,6 +5,8 @@ The `server` fixture (module scope: one server per test file) is exported by con
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import signal
 import socket
@@ -62,7 +64,13 @@ def launch(extra_args: list[str], env: dict[str, str] | None = None, model: str 
         cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
     )
     log.close()
+    atexit.register(_remove, log.name)  # tests read the log after stop(); it goes at exit
     return Server(proc, port, log.name)
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def wait_ready(server: Server, timeout: float = STARTUP_TIMEOUT_S) -> None:

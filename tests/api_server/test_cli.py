@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from api_server.cli import SERVER_GROUP, main, make_parser
@@ -60,3 +63,16 @@ def test_bad_arguments_exit_2_with_one_line(argv, names, capsys):
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith("tessera serve: error:") and names in lines[0]
+
+
+def test_the_server_starts_its_engine_before_importing_torch():
+    """Everything `_serve` imports before the engine cores start stays free of transformers
+    and torch: they take seconds to import, which would come before the cores' own start
+    instead of overlapping it (the tokenizer loads in a thread once the cores have started)."""
+    code = (
+        "import sys, api_server.cli, engine_core.async_client; "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
