@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from executor.messages import SamplingOptions
+from executor.sampler import Sampler, SamplingBatch
 from kernels.activation import (
     gelu_new_ref,
     gelu_new_triton,
@@ -64,6 +66,7 @@ from kernels.norm import (
     rms_norm_triton,
 )
 from kernels.rotary import rotary_embedding_ref, rotary_embedding_triton
+from kernels.sampling import gumbel_noise_ref, row_keys, sample_tokens_ref, sample_tokens_triton
 
 DEV = "cuda"
 BF16 = torch.bfloat16
@@ -577,6 +580,39 @@ def elementwise_case(
     record(name, "4096x3072 bf16", lambda: fn(x), nbytes, copy_gbps, ref_fn=lambda: ref(x))
 
 
+def sampling_case(rows: int, vocab: int, copy_gbps: float) -> None:
+    """The fused sampler against its reference (same tokens but for near-ties of the
+    log's rounding), and its time against the unfused Sampler's on the same batch."""
+    logits = (torch.randn(rows, vocab, device=DEV) * 3).to(BF16)
+    inv_t = torch.tensor([0.0 if r % 5 == 0 else 1.0 / 0.6 for r in range(rows)], device=DEV)
+    keys = row_keys(12345, rows).to(DEV)
+    out, ref = (torch.full((rows,), -1, dtype=torch.int64, device=DEV) for _ in range(2))
+    sample_tokens_triton(logits, inv_t, keys, out)
+    sample_tokens_ref(logits, inv_t, keys, ref)
+    x = logits.float()
+    scores = torch.where(inv_t[:, None] == 0, x, x * inv_t[:, None] + gumbel_noise_ref(keys, vocab))
+    gap = scores.gather(1, ref[:, None]) - scores.gather(1, out.clamp(0, vocab - 1)[:, None])
+    bad = int(((out != ref) & (gap.squeeze(1) > 1e-5)).sum())
+    name = f"sampling {rows}x{vocab} bf16"
+    CHECKS.append(Check(name, bad / rows, 1e-9, bad == 0))
+    print(f"  {'ok ' if bad == 0 else 'BAD'} {name:58s} {bad} rows differ", flush=True)
+    shape = f"{rows}x{vocab} bf16, T=0.6"
+    nbytes = logits.numel() * logits.element_size()
+    record("sampling fused", shape, lambda: sample_tokens_triton(logits, inv_t, keys, out),
+           nbytes, copy_gbps)  # fmt: skip
+    options = [SamplingOptions(temperature=0.0 if r % 5 == 0 else 0.6) for r in range(rows)]
+    previous = os.environ.get("TESSERA_KERNELS")
+    os.environ["TESSERA_KERNELS"] = "ref"  # builds the unfused batch
+    try:
+        batch = SamplingBatch.build(options, [[]] * rows, [[]] * rows, {}, vocab, DEV)
+    finally:
+        os.environ.pop("TESSERA_KERNELS")
+        if previous is not None:
+            os.environ["TESSERA_KERNELS"] = previous
+    sampler = Sampler()
+    record("sampling unfused", shape, lambda: sampler(logits, batch), nbytes, copy_gbps)
+
+
 def check_and_time_others(copy_gbps: float) -> None:
     print("write_kv, norms, rotary, activations", flush=True)
     for tokens in (256, 4096):
@@ -591,6 +627,8 @@ def check_and_time_others(copy_gbps: float) -> None:
     elementwise_case("gelu", gelu_triton, gelu_ref, copy_gbps)
     elementwise_case("gelu_new", gelu_new_triton, gelu_new_ref, copy_gbps)
     elementwise_case("relu", relu_triton, relu_ref, copy_gbps)
+    for rows, vocab in ((256, 151936), (256, 128256), (8, 128256), (1, 128256)):
+        sampling_case(rows, vocab, copy_gbps)
 
 
 # ---- main ---------------------------------------------------------------------------------

@@ -15,6 +15,12 @@ Top-k and top-p keep every token tied with the last one kept, so a row's survivi
 does not depend on how a sort orders equal values. Logprobs are those of the raw
 model distribution (log_softmax of the logits before any of the above), as in vLLM.
 
+Where the Triton kernels run (CUDA), a batch whose random rows have nothing but a
+temperature (no top-k, top-p, min-p, seed, logprobs, penalties, bias or bans) skips all
+of the above: kernels.sampling draws every row in one pass over the logits, the race
+with hashed noise in place of the generator's (`FusedSampling`). A seeded request never
+takes that path, so its tokens still come from its own generator alone.
+
 Per-row Python work happens only in `SamplingBatch.build` and only for the rare
 per-row options; `Sampler.__call__` makes no host syncs.
 """
@@ -31,6 +37,8 @@ import torch
 
 from executor.messages import Logprobs, SamplingOptions
 from executor.transfer import to_device
+from kernels.dispatch import use_triton_on
+from kernels.sampling import row_keys, sample_tokens
 
 # Below this temperature a row is greedy (matches engine_core.sampling_params).
 GREEDY_EPS = 1e-5
@@ -57,6 +65,27 @@ class Penalties:
     output_counts: torch.Tensor  # [P, V] float32, occurrences of each token in the output
     # [P, V] bool, token seen in prompt or output; None when no row has a repetition penalty
     seen: torch.Tensor | None
+
+
+@dataclass
+class FusedSampling:
+    """Inputs of kernels.sampling.sample_tokens for one step."""
+
+    inv_temperature: torch.Tensor  # [S] float32; 0 for greedy rows
+    keys: torch.Tensor  # [S] int64, each row's noise key for this step
+
+    @classmethod
+    def build(
+        cls, options: Sequence[SamplingOptions], greedy: list[bool], device: torch.device | str
+    ) -> FusedSampling:
+        inv = [0.0 if g else 1.0 / o.temperature for o, g in zip(options, greedy, strict=True)]
+        # A new seed per step from torch's default generator, which the worker seeds
+        # with --seed: runs repeat, and every tensor-parallel rank draws the same.
+        step_seed = int(torch.randint(0, 1 << 32, (1,), dtype=torch.int64))
+        return cls(
+            inv_temperature=to_device(torch.tensor(inv, dtype=torch.float32), device),
+            keys=to_device(row_keys(step_seed, len(options)), device),
+        )
 
 
 @dataclass
@@ -89,6 +118,7 @@ class SamplingBatch:
     seeded: list[tuple[int, torch.Generator]] = field(default_factory=list)
     any_unseeded_random: bool = False
     max_num_logprobs: int | None = None  # k of the top-k logprobs; None = no logprobs
+    fused: FusedSampling | None = None  # set: one kernel samples, the fields above unused
 
     @property
     def no_top_k(self) -> bool:
@@ -131,15 +161,36 @@ class SamplingBatch:
             all_random=all_random,
             max_num_logprobs=_max_num_logprobs(options),
         )
-        if not all_greedy:
-            batch._set_random_params(options, greedy, generators, device)
-        if not all_greedy and not all_random:
-            batch.greedy = to_device(torch.tensor(greedy, dtype=torch.bool), device)
         batch.penalties = _build_penalties(options, prompt_ids, output_ids, vocab_size, device)
         batch.logit_bias = _build_logit_bias(options, device)
         batch.allowed = _build_allowed(options, vocab_size, device)
         batch.banned = _build_banned(options, output_ids, device)
+        if batch._fusable(options, greedy, generators) and use_triton_on(device):
+            batch.fused = FusedSampling.build(options, greedy, device)
+            return batch
+        if not all_greedy:
+            batch._set_random_params(options, greedy, generators, device)
+        if not all_greedy and not all_random:
+            batch.greedy = to_device(torch.tensor(greedy, dtype=torch.bool), device)
         return batch
+
+    def _fusable(
+        self,
+        options: Sequence[SamplingOptions],
+        greedy: list[bool],
+        generators: dict[int, torch.Generator],
+    ) -> bool:
+        """Whether kernels.sampling can draw this step: random rows with a temperature
+        alone (the options of greedy rows do not matter), and nothing else to do."""
+        if self.max_num_logprobs is not None or self.penalties is not None:
+            return False
+        if self.logit_bias is not None or self.allowed is not None or self.banned is not None:
+            return False
+        vocab = self.vocab_size
+        return all(
+            g or (i not in generators and _random_params(o, vocab)[1:] == (vocab, _TOP_P_OFF, 0.0))
+            for i, (o, g) in enumerate(zip(options, greedy, strict=True))
+        )
 
     def _set_random_params(
         self,
@@ -344,6 +395,10 @@ class Sampler:
                 f"logits shape {tuple(logits.shape)} does not match the batch "
                 f"({batch.num_rows}, {batch.vocab_size})"
             )
+        if batch.fused is not None:  # never with logprobs
+            token_ids = torch.empty(batch.num_rows, dtype=torch.int64, device=logits.device)
+            sample_tokens(logits, batch.fused.inv_temperature, batch.fused.keys, token_ids)
+            return SamplerOutput(token_ids=token_ids)
         logits = logits.float()
         token_ids = self._sample(logits, batch)
         if batch.max_num_logprobs is None:

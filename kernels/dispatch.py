@@ -65,10 +65,15 @@ def use_triton(t: torch.Tensor) -> bool:
     """
     if torch.compiler.is_compiling():
         return False
+    return use_triton_on(t.device)
+
+
+def use_triton_on(device: torch.device | str) -> bool:
+    """use_triton for tensors that will live on `device` (outside torch.compile)."""
     mode = kernel_mode()
     if mode == "ref" or not HAS_TRITON:
         return False
-    return mode == "triton" or t.is_cuda
+    return mode == "triton" or torch.device(device).type == "cuda"
 
 
 @functools.cache

@@ -524,3 +524,62 @@ def test_cuda_seeded_row_ignores_its_neighbours():
         options, [[]] * 6, [[]] * 6, {2: make_generator(4, "cuda")}, 1000, "cuda"
     )
     assert Sampler()(logits, crowded).token_ids.tolist()[2] == first[0]
+
+
+# ---- the fused path (kernels.sampling) -------------------------------------------------
+
+
+@pytest.fixture
+def triton_kernels(monkeypatch):
+    """The Triton kernels on CPU tensors (interpreted), as on a GPU."""
+    monkeypatch.setenv("TESSERA_KERNELS", "triton")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        [opts(), opts(temperature=0.7)],
+        [opts(temperature=0.0, top_k=2, min_p=0.3), opts(temperature=1.5)],  # greedy: ignored
+        [opts(temperature=0.0)] * 2,
+    ],
+)
+def test_temperature_only_batches_take_the_fused_path(triton_kernels, options):
+    batch = make_batch(options, vocab_size=6)
+    assert batch.fused is not None and batch.temperature is None
+    inv = [0.0 if o.temperature == 0.0 else 1 / o.temperature for o in options]
+    assert batch.fused.inv_temperature.tolist() == pytest.approx(inv)
+
+
+@pytest.mark.parametrize(
+    ("option", "kwargs"),
+    [
+        (opts(top_k=3), {}),
+        (opts(top_p=0.9), {}),
+        (opts(min_p=0.1), {}),
+        (opts(logprobs=1), {}),
+        (opts(presence_penalty=0.5), {}),
+        (opts(logit_bias={1: 1.0}), {}),
+        (opts(seed=3), {"generators": {1: make_generator(3, "cpu")}}),
+    ],
+)
+def test_any_other_option_keeps_the_full_sampler(triton_kernels, option, kwargs):
+    batch = make_batch([opts(), option], vocab_size=6, **kwargs)
+    assert batch.fused is None
+
+
+def test_no_fused_path_where_the_references_run():
+    assert make_batch([opts()], vocab_size=6).fused is None  # CPU, TESSERA_KERNELS unset
+
+
+def test_fused_sampler_draws_from_the_distribution(triton_kernels):
+    probs = [0.1, 0.2, 0.3, 0.4]
+    logits = logits_of_probs(*[probs] * 400).to(torch.bfloat16)  # its own dtype, no copy
+    options = [opts(temperature=0.0 if r % 4 == 0 else 1.0) for r in range(400)]
+    torch.manual_seed(21)
+    tokens = sample(logits, options)
+    assert all(tokens[r] == 3 for r in range(0, 400, 4))  # greedy rows: the argmax
+    drawn = [t for r, t in enumerate(tokens) if r % 4]
+    assert frequencies(drawn, 4) == pytest.approx(probs, abs=0.07)
+    torch.manual_seed(21)  # the step seed comes from torch's generator: runs repeat
+    assert sample(logits, options) == tokens
+    assert sample(logits, options) != tokens
