@@ -585,10 +585,11 @@ def sampling_case(rows: int, vocab: int, copy_gbps: float) -> None:
     log's rounding), and its time against the unfused Sampler's on the same batch."""
     logits = (torch.randn(rows, vocab, device=DEV) * 3).to(BF16)
     inv_t = torch.tensor([0.0 if r % 5 == 0 else 1.0 / 0.6 for r in range(rows)], device=DEV)
-    keys = row_keys(12345, rows).to(DEV)
+    seed = 12345
+    keys = row_keys(seed, rows, DEV)
     out, ref = (torch.full((rows,), -1, dtype=torch.int64, device=DEV) for _ in range(2))
-    sample_tokens_triton(logits, inv_t, keys, out)
-    sample_tokens_ref(logits, inv_t, keys, ref)
+    sample_tokens_triton(logits, inv_t, seed, out)
+    sample_tokens_ref(logits, inv_t, seed, ref)
     x = logits.float()
     scores = torch.where(inv_t[:, None] == 0, x, x * inv_t[:, None] + gumbel_noise_ref(keys, vocab))
     gap = scores.gather(1, ref[:, None]) - scores.gather(1, out.clamp(0, vocab - 1)[:, None])
@@ -598,7 +599,7 @@ def sampling_case(rows: int, vocab: int, copy_gbps: float) -> None:
     print(f"  {'ok ' if bad == 0 else 'BAD'} {name:58s} {bad} rows differ", flush=True)
     shape = f"{rows}x{vocab} bf16, T=0.6"
     nbytes = logits.numel() * logits.element_size()
-    record("sampling fused", shape, lambda: sample_tokens_triton(logits, inv_t, keys, out),
+    record("sampling fused", shape, lambda: sample_tokens_triton(logits, inv_t, seed, out),
            nbytes, copy_gbps)  # fmt: skip
     options = [SamplingOptions(temperature=0.0 if r % 5 == 0 else 0.6) for r in range(rows)]
     previous = os.environ.get("TESSERA_KERNELS")

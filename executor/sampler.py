@@ -38,7 +38,7 @@ import torch
 from executor.messages import Logprobs, SamplingOptions
 from executor.transfer import to_device
 from kernels.dispatch import use_triton_on
-from kernels.sampling import row_keys, sample_tokens
+from kernels.sampling import SEED_LIMIT, sample_tokens
 
 # Below this temperature a row is greedy (matches engine_core.sampling_params).
 GREEDY_EPS = 1e-5
@@ -72,7 +72,7 @@ class FusedSampling:
     """Inputs of kernels.sampling.sample_tokens for one step."""
 
     inv_temperature: torch.Tensor  # [S] float32; 0 for greedy rows
-    keys: torch.Tensor  # [S] int64, each row's noise key for this step
+    step_seed: int  # the rows' noise keys derive from it
 
     @classmethod
     def build(
@@ -81,11 +81,8 @@ class FusedSampling:
         inv = [0.0 if g else 1.0 / o.temperature for o, g in zip(options, greedy, strict=True)]
         # A new seed per step from torch's default generator, which the worker seeds
         # with --seed: runs repeat, and every tensor-parallel rank draws the same.
-        step_seed = int(torch.randint(0, 1 << 32, (1,), dtype=torch.int64))
-        return cls(
-            inv_temperature=to_device(torch.tensor(inv, dtype=torch.float32), device),
-            keys=to_device(row_keys(step_seed, len(options)), device),
-        )
+        step_seed = int(torch.randint(0, SEED_LIMIT, (1,), dtype=torch.int64))
+        return cls(to_device(torch.tensor(inv, dtype=torch.float32), device), step_seed)
 
 
 @dataclass
@@ -397,7 +394,7 @@ class Sampler:
             )
         if batch.fused is not None:  # never with logprobs
             token_ids = torch.empty(batch.num_rows, dtype=torch.int64, device=logits.device)
-            sample_tokens(logits, batch.fused.inv_temperature, batch.fused.keys, token_ids)
+            sample_tokens(logits, batch.fused.inv_temperature, batch.fused.step_seed, token_ids)
             return SamplerOutput(token_ids=token_ids)
         logits = logits.float()
         token_ids = self._sample(logits, batch)

@@ -9,8 +9,8 @@ and keeps a running argmax; the unfused path (float32 copy, divide, softmax, noi
 divide, argmax) moves the [S, V] matrix about eleven times.
 
 Greedy rows (inverse temperature 0) take the plain argmax, first index on ties, as
-torch.argmax. Row keys come from `row_keys(step_seed, rows)`: a fresh 32-bit seed per
-step gives every row its own stream of noise, and the same seed gives the same tokens.
+torch.argmax. Each row's key is a hash of (step seed, row) (`row_keys`): a fresh seed
+per step gives every row its own stream of noise, and the same seed the same tokens.
 
 U is 24 bits of lowbias32 (a 32-bit integer hash with very low bias) of the
 Weyl-sequence value row_key + column * 0x9E3779B9; the PyTorch reference computes the
@@ -43,6 +43,7 @@ _MIX_B = 0x846CA68B
 BLOCK_V = 2048  # columns per loop step of a program
 # int32 offsets inside the kernel: rows * vocab must stay below this
 MAX_ELEMENTS = 1 << 31
+SEED_LIMIT = 1 << 31  # step seeds are 31-bit: one int32 kernel argument
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -61,10 +62,10 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def row_keys(step_seed: int, num_rows: int) -> torch.Tensor:
-    """[num_rows] int64 (uint32 values) on the CPU: each row's key for one step."""
-    rows = torch.arange(num_rows, dtype=torch.int64)
-    return mix32((step_seed & _MASK32) ^ mix32(rows))
+def row_keys(step_seed: int, num_rows: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[num_rows] int64 (uint32 values): each row's key for one step."""
+    rows = torch.arange(num_rows, dtype=torch.int64, device=device)
+    return mix32((step_seed % SEED_LIMIT) ^ mix32(rows))
 
 
 def gumbel_noise_ref(keys: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -78,10 +79,11 @@ def gumbel_noise_ref(keys: torch.Tensor, vocab: int) -> torch.Tensor:
 def sample_tokens_ref(
     logits: torch.Tensor,  # [S, V] float
     inv_temperature: torch.Tensor,  # [S] float32; 0 = greedy
-    keys: torch.Tensor,  # [S] int64, from row_keys
+    step_seed: int,  # taken modulo SEED_LIMIT
     out: torch.Tensor,  # [S] int64, written
 ) -> None:
     x = logits.float()
+    keys = row_keys(step_seed, x.shape[0], x.device)
     noisy = x * inv_temperature[:, None].float() + gumbel_noise_ref(keys, x.shape[1])
     scores = torch.where(inv_temperature[:, None] == 0, x, noisy)
     out.copy_(scores.argmax(dim=-1))
@@ -96,11 +98,11 @@ def _mix32(x):
     return x ^ (x >> 16)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["step_seed", "cols_per_split"])
 def _sample_partial_kernel(
     logits_ptr,
     inv_temperature_ptr,
-    keys_ptr,
+    step_seed,  # int32
     part_val_ptr,  # [S, splits] float32: each split's best score
     part_idx_ptr,  # [S, splits] int32: its column, the first one on ties
     vocab,
@@ -111,7 +113,9 @@ def _sample_partial_kernel(
     row = tl.program_id(0)
     split = tl.program_id(1)
     inv_t = tl.load(inv_temperature_ptr + row)
-    key = tl.load(keys_ptr + row).to(tl.uint32)
+    # [1]-shaped, not scalars: the interpreter's numpy scalars warn when they wrap
+    zero = tl.zeros([1], tl.uint32)
+    key = _mix32((zero + step_seed.to(tl.uint32)) ^ _mix32(zero + row.to(tl.uint32)))
     lo = split * cols_per_split
     hi = tl.minimum(lo + cols_per_split, vocab)
     best_val = tl.full([], float("-inf"), tl.float32)
@@ -134,7 +138,7 @@ def _sample_partial_kernel(
     tl.store(part_idx_ptr + row * tl.num_programs(1) + split, best_idx)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["splits"])
 def _sample_reduce_kernel(part_val_ptr, part_idx_ptr, out_ptr, splits, BLOCK_S: tl.constexpr):
     # Splits cover increasing columns: the first split with the best score has its
     # first column.
@@ -155,33 +159,30 @@ def choose_splits(num_rows: int, vocab: int, sms: int) -> int:
     return max(1, min(cdiv(4 * sms, num_rows), cdiv(vocab, BLOCK_V)))
 
 
-def _check_args(
-    logits: torch.Tensor, inv_temperature: torch.Tensor, keys: torch.Tensor, out: torch.Tensor
-) -> None:
+def _check_args(logits: torch.Tensor, inv_temperature: torch.Tensor, out: torch.Tensor) -> None:
     check_dim("logits", logits, (2,))
     check_dtype("logits", logits, FLOAT_DTYPES)
     check_inner_contiguous("logits", logits)
     check_dtype("inv_temperature", inv_temperature, (torch.float32,))
-    check_dtype("keys", keys, (torch.int64,))
     check_dtype("out", out, (torch.int64,))
     rows = logits.shape[0]
-    for name, t in (("inv_temperature", inv_temperature), ("keys", keys), ("out", out)):
+    for name, t in (("inv_temperature", inv_temperature), ("out", out)):
         if t.shape != (rows,) or not t.is_contiguous():
             raise ValueError(f"{name}: want a contiguous ({rows},) tensor, got {tuple(t.shape)}")
     require(logits.shape[1] > 0, "logits: empty vocabulary")
     require(rows * logits.stride(0) < MAX_ELEMENTS, "logits: too large for int32 offsets")
-    check_same_device(logits=logits, inv_temperature=inv_temperature, keys=keys, out=out)
+    check_same_device(logits=logits, inv_temperature=inv_temperature, out=out)
 
 
 def sample_tokens_triton(
     logits: torch.Tensor,
     inv_temperature: torch.Tensor,
-    keys: torch.Tensor,
+    step_seed: int,
     out: torch.Tensor,
 ) -> None:
     """Triton `sample_tokens_ref`: no host sync, two launches. Raises ValueError on bad
     shapes, strides or dtypes."""
-    _check_args(logits, inv_temperature, keys, out)
+    _check_args(logits, inv_temperature, out)
     rows, vocab = logits.shape
     if rows == 0:
         return
@@ -192,7 +193,7 @@ def sample_tokens_triton(
     part_val = torch.empty((rows, splits), dtype=torch.float32, device=logits.device)
     part_idx = torch.empty((rows, splits), dtype=torch.int32, device=logits.device)
     _sample_partial_kernel[(rows, splits)](
-        logits, inv_temperature, keys, part_val, part_idx, vocab, cols_per_split,
+        logits, inv_temperature, step_seed % SEED_LIMIT, part_val, part_idx, vocab, cols_per_split,
         logits.stride(0), BLOCK_V=BLOCK_V, num_warps=8,
     )  # fmt: skip
     block_s = max(2, 1 << (splits - 1).bit_length())
@@ -202,12 +203,12 @@ def sample_tokens_triton(
 def sample_tokens(
     logits: torch.Tensor,
     inv_temperature: torch.Tensor,
-    keys: torch.Tensor,
+    step_seed: int,
     out: torch.Tensor,
 ) -> None:
     """out[i] = argmax(logits[i]) where inv_temperature[i] == 0, else a draw from
-    softmax(logits[i] * inv_temperature[i]) with row i's key. Triton on CUDA."""
+    softmax(logits[i] * inv_temperature[i]) with row i's key of step_seed. Triton on CUDA."""
     if use_triton(logits):
-        sample_tokens_triton(logits, inv_temperature, keys, out)
+        sample_tokens_triton(logits, inv_temperature, step_seed, out)
     else:
-        sample_tokens_ref(logits, inv_temperature, keys, out)
+        sample_tokens_ref(logits, inv_temperature, step_seed, out)
