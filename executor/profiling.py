@@ -6,6 +6,8 @@ import torch
 
 from executor.config import EngineConfig
 from executor.forward_context import ForwardContext, forward_context
+from kernels.dispatch import use_triton
+from kernels.sampling import sample_tokens
 
 
 class KVCacheSizeError(RuntimeError):
@@ -26,7 +28,18 @@ def _profile_forward(runner, config: EngineConfig) -> None:
     with forward_context(ForwardContext(None, [])):
         hidden = model(ids, positions, intermediate)  # [n, hidden]
         if model.pp.is_last:
-            model.compute_logits(hidden[: config.scheduler.max_num_seqs])
+            logits = model.compute_logits(hidden[: config.scheduler.max_num_seqs])
+            _warm_sampler(logits)
+
+
+def _warm_sampler(logits: torch.Tensor) -> None:
+    """Compile the fused sampler now, not on the first request: one variant serves every
+    batch size (kernels.sampling), and its buffers count in the profiled peak."""
+    if use_triton(logits):
+        rows = logits.shape[0]
+        inv_temperature = torch.ones(rows, dtype=torch.float32, device=logits.device)
+        out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+        sample_tokens(logits, inv_temperature, 0, out)
 
 
 def available_kv_bytes(runner, config: EngineConfig) -> int:

@@ -44,6 +44,9 @@ BLOCK_V = 2048  # columns per loop step of a program
 # int32 offsets inside the kernel: rows * vocab must stay below this
 MAX_ELEMENTS = 1 << 31
 SEED_LIMIT = 1 << 31  # step seeds are 31-bit: one int32 kernel argument
+# Programs per row at most: the merge reads them in one block of this size, a constant so
+# that batch sizes changing from step to step never compile a new variant.
+MAX_SPLITS = 64
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -156,7 +159,7 @@ def _sample_reduce_kernel(part_val_ptr, part_idx_ptr, out_ptr, splits, BLOCK_S: 
 def choose_splits(num_rows: int, vocab: int, sms: int) -> int:
     """Programs per row: about four per multiprocessor in all, each a whole number of
     BLOCK_V-wide steps; one row of a 128K vocabulary alone takes 63 programs."""
-    return max(1, min(cdiv(4 * sms, num_rows), cdiv(vocab, BLOCK_V)))
+    return max(1, min(cdiv(4 * sms, num_rows), cdiv(vocab, BLOCK_V), MAX_SPLITS))
 
 
 def _check_args(logits: torch.Tensor, inv_temperature: torch.Tensor, out: torch.Tensor) -> None:
@@ -196,8 +199,9 @@ def sample_tokens_triton(
         logits, inv_temperature, step_seed % SEED_LIMIT, part_val, part_idx, vocab, cols_per_split,
         logits.stride(0), BLOCK_V=BLOCK_V, num_warps=8,
     )  # fmt: skip
-    block_s = max(2, 1 << (splits - 1).bit_length())
-    _sample_reduce_kernel[(rows,)](part_val, part_idx, out, splits, BLOCK_S=block_s, num_warps=1)
+    _sample_reduce_kernel[(rows,)](
+        part_val, part_idx, out, splits, BLOCK_S=MAX_SPLITS, num_warps=1
+    )  # fmt: skip
 
 
 def sample_tokens(
