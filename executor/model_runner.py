@@ -49,6 +49,7 @@ from executor.sampler import (
     SamplingBatch,
     compute_prompt_logprobs,
     reads_output_ids,
+    temperature_only,
 )
 from executor.shared_prefix import shared_prefix_len
 from executor.transfer import to_device, to_host
@@ -70,6 +71,11 @@ class RequestState:
     num_pending: int = 0
     pending: tuple[torch.Tensor, int] | None = None
     table_row: int = -1  # this request's row of ModelRunner.block_tables
+    # greedy or a bare temperature (sampler.temperature_only), decided once per request
+    temperature_only: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.temperature_only = temperature_only(self.sampling)
 
     @property
     def output_ids(self) -> list[int]:
@@ -398,6 +404,7 @@ class ModelRunner:
             {i: s.generator for i, s in enumerate(states) if s.generator is not None},
             logits.shape[-1],
             logits.device,
+            all_temperature_only=all(s.temperature_only for s in states),
         )
         out = self.sampler(logits, sbatch)
         launched.sample_states = states

@@ -142,12 +142,15 @@ class SamplingBatch:
         generators: dict[int, torch.Generator],
         vocab_size: int,
         device: torch.device | str,
+        all_temperature_only: bool | None = None,
     ) -> SamplingBatch:
         """Gather the step's sampling inputs.
 
         options[i], prompt_ids[i] and output_ids[i] belong to row i; generators maps a
         row to its request's generator (rows of seeded requests). prompt_ids and
         output_ids are read only for rows that use penalties, bad words or min_tokens.
+        all_temperature_only: whether `temperature_only` holds for every row, when the
+        caller keeps that per request (None: found here, a pass over the rows).
         """
         greedy = [o.temperature < GREEDY_EPS for o in options]
         all_greedy, all_random = all(greedy), not any(greedy)
@@ -156,13 +159,19 @@ class SamplingBatch:
             vocab_size=vocab_size,
             all_greedy=all_greedy,
             all_random=all_random,
-            max_num_logprobs=_max_num_logprobs(options),
         )
-        batch.penalties = _build_penalties(options, prompt_ids, output_ids, vocab_size, device)
-        batch.logit_bias = _build_logit_bias(options, device)
-        batch.allowed = _build_allowed(options, vocab_size, device)
-        batch.banned = _build_banned(options, output_ids, device)
-        if batch._fusable(options, greedy, generators) and use_triton_on(device):
+        # The common step, every row greedy or a bare temperature, skips the per-option
+        # builders below, each a walk over every row (0.3 ms at 256 rows).
+        plain = all_temperature_only
+        if plain is None:
+            plain = all(map(temperature_only, options))
+        if not plain:
+            batch.max_num_logprobs = _max_num_logprobs(options)
+            batch.penalties = _build_penalties(options, prompt_ids, output_ids, vocab_size, device)
+            batch.logit_bias = _build_logit_bias(options, device)
+            batch.allowed = _build_allowed(options, vocab_size, device)
+            batch.banned = _build_banned(options, output_ids, device)
+        if (plain or batch._fusable(options, greedy, generators)) and use_triton_on(device):
             batch.fused = FusedSampling.build(options, greedy, device)
             return batch
         if not all_greedy:
@@ -233,6 +242,21 @@ def _random_params(o: SamplingOptions, vocab_size: int) -> tuple[float, int, flo
 def _max_num_logprobs(options: Sequence[SamplingOptions]) -> int | None:
     wanted = [o.logprobs for o in options if o.logprobs is not None]
     return max(wanted) if wanted else None
+
+
+def temperature_only(o: SamplingOptions) -> bool:
+    """No sampling option but the temperature (greedy included), no seed, no logprobs."""
+    return (
+        o.top_k <= 0
+        and o.top_p >= 1.0
+        and o.min_p <= 0.0
+        and o.seed is None
+        and o.logprobs is None
+        and not o.logit_bias
+        and not o.allowed_token_ids
+        and not _has_penalty(o)
+        and not _may_ban(o)
+    )
 
 
 def _has_penalty(o: SamplingOptions) -> bool:
