@@ -20,6 +20,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from functools import partial
 from typing import Any, NoReturn
@@ -262,10 +263,15 @@ def _load_tokenizer(config: Any) -> Any | None:
     from engine_core.tokenizer import Tokenizer
 
     gguf = m.gguf_file if m.tokenizer == m.model_path else None
+    start = time.perf_counter()
     try:
-        return Tokenizer.load(m.tokenizer, gguf, m.tokenizer_mode, m.trust_remote_code)
+        tokenizer = Tokenizer.load(m.tokenizer, gguf, m.tokenizer_mode, m.trust_remote_code)
     except (OSError, ValueError) as error:
         raise _TokenizerError(f"cannot load the tokenizer: {error}") from None
+    # With transformers' (and torch's) import, this can outlast the engine's own start:
+    # the log says which of the two the server waited for.
+    logger.info("tokenizer loaded in %.1f s", time.perf_counter() - start)
+    return tokenizer
 
 
 def _bind(host: str | None, port: int) -> socket.socket:
