@@ -138,3 +138,19 @@ def test_dispatch_runs_the_reference_on_the_cpu(monkeypatch) -> None:
     assert run(sample_tokens, logits, [0.0, 1.0, 1.0]) == run(
         sample_tokens_ref, logits, [0.0, 1.0, 1.0]
     )
+
+
+def test_the_most_programs_a_row_can_have(monkeypatch) -> None:
+    """MAX_SPLITS programs per row, merged in one block of that size."""
+    import kernels.sampling as sampling
+
+    assert sampling.choose_splits(1, 1 << 20, sms=132) == sampling.MAX_SPLITS
+    assert sampling.choose_splits(256, 151936, sms=132) == 3
+    monkeypatch.setattr(sampling, "choose_splits", lambda *_: sampling.MAX_SPLITS)
+    vocab = sampling.MAX_SPLITS * BLOCK_V
+    logits = torch.randn(2, vocab, generator=torch.Generator().manual_seed(6))
+    logits[0, vocab - 3] = 50.0  # the greedy row's answer sits in the last program
+    inv_t = [0.0, 1.0]
+    kernel = run(sample_tokens_triton, logits, inv_t, seed=8)
+    assert kernel[0] == vocab - 3
+    assert_same_draw(logits, inv_t, kernel, run(sample_tokens_ref, logits, inv_t, seed=8), 8)
