@@ -36,7 +36,7 @@ from bench.kernels_gpu import (
     rel_err,
     share_prefix,
 )
-from kernels.attention import choose_num_splits, choose_prefix_splits, paged_attention
+from kernels.attention import paged_attention
 from kernels.dispatch import num_sms
 
 Config = tuple[int, int, int, int]  # BLOCK_M, BLOCK_N, num_warps, num_stages
@@ -124,25 +124,31 @@ def sweep(
     return {"shape": shape.name, "shipped": shipped, "ranked": timed, "all": rows}
 
 
-def shapes(sms: int) -> list[tuple[Shape, bool]]:
-    """(shape, whether to sweep the prefix kernel too)."""
+def shapes(only: list[str]) -> Iterator[tuple[Shape, bool]]:
+    """(shape, whether to sweep the prefix kernel too) for the shapes whose name holds one
+    of `only` (all when empty). Lengths are drawn for every shape, so that a shape's batch
+    does not depend on the filter; only the chosen ones are built on the GPU."""
     g = torch.Generator().manual_seed(0)
 
     def lens(n: int, lo: int, hi: int) -> list[int]:
         return torch.randint(lo, hi, (n,), generator=g).tolist()
 
-    return [
+    # (name, query heads, context lengths, shared prefix, cache dtype, sweep the prefix)
+    specs: list[tuple[str, int, list[int], int, torch.dtype | None, bool]] = [
         # W2 (Qwen3-0.6B: 16 heads, 8 KV heads): 256 contexts mid-run, then a late tail
-        (Shape("qwen3 b=256 ctx 200..2048", 16, lens(256, 200, 2048)), False),
-        (Shape("qwen3 b=64 ctx 1000..3000", 16, lens(64, 1000, 3000)), False),
+        ("qwen3 b=256 ctx 200..2048", 16, lens(256, 200, 2048), 0, None, False),
+        ("qwen3 b=64 ctx 1000..3000", 16, lens(64, 1000, 3000), 0, None, False),
         # W1 / W4 decode (8B: 32 heads, 8 KV heads)
-        (Shape("8b b=256 ctx 1024..1152", 32, lens(256, 1024, 1152)), False),
+        ("8b b=256 ctx 1024..1152", 32, lens(256, 1024, 1152), 0, None, False),
         # W6: a 896-key shared prefix, the cascade
-        (Shape("8b b=256 cascade 896 + 124..252", 32, lens(256, 1020, 1148), 896), True),
+        ("8b b=256 cascade 896 + 124..252", 32, lens(256, 1020, 1148), 896, None, True),
         # #5's slow kernels: FP8 cache, batch 1 at 4K (split-KV)
-        (Shape("8b b=64 ctx 4096 fp8", 32, [4096] * 64, cache_dtype=FP8), False),
-        (Shape("8b b=1 ctx 4096", 32, [4096]), False),
+        ("8b b=64 ctx 4096 fp8", 32, [4096] * 64, 0, FP8, False),
+        ("8b b=1 ctx 4096", 32, [4096], 0, None, False),
     ]
+    for name, heads, ctx_lens, prefix, cache_dtype, with_prefix in specs:
+        if not only or any(part in name for part in only):
+            yield Shape(name, heads, ctx_lens, prefix, cache_dtype=cache_dtype), with_prefix
 
 
 def report(result: dict[str, Any], top: int) -> None:
@@ -167,9 +173,7 @@ def main() -> int:
     sms = num_sms(torch.cuda.current_device())
     print(f"copy {copy_gbps:.0f} GB/s, {sms} SMs", flush=True)
     results = []
-    for shape, with_prefix in shapes(sms):
-        if args.only and not any(part in shape.name for part in args.only):
-            continue
+    for shape, with_prefix in shapes(args.only):
         result = {"kernel": "paged", **sweep(shape, DECODE_CONFIGS, decode_tiles, copy_gbps)}
         report(result, args.top)
         results.append(result)
@@ -177,7 +181,6 @@ def main() -> int:
             result = {"kernel": "prefix", **sweep(shape, PREFIX_CONFIGS, prefix_tiles, copy_gbps)}
             report(result, args.top)
             results.append(result)
-    print("choices:", choose_num_splits(1, 8, 1, 4096, sms), choose_prefix_splits(256, 32, 8, sms))
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "attn_tune.json"), "w") as f:
             json.dump({"copy_gbps": copy_gbps, "results": results}, f, indent=1)

@@ -7,7 +7,7 @@ import torch
 from executor.config import EngineConfig
 from executor.forward_context import ForwardContext, forward_context
 from kernels.dispatch import use_triton
-from kernels.sampling import sample_tokens
+from kernels.sampling import sample_tokens_triton
 
 
 class KVCacheSizeError(RuntimeError):
@@ -39,7 +39,7 @@ def _warm_sampler(logits: torch.Tensor) -> None:
         rows = logits.shape[0]
         inv_temperature = torch.ones(rows, dtype=torch.float32, device=logits.device)
         out = torch.empty(rows, dtype=torch.int64, device=logits.device)
-        sample_tokens(logits, inv_temperature, 0, out)
+        sample_tokens_triton(logits, inv_temperature, 0, out)
 
 
 def available_kv_bytes(runner, config: EngineConfig) -> int:
