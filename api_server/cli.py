@@ -32,6 +32,7 @@ from api_server.metrics import ServerMetrics, StatsLogger
 from api_server.serving import ServerOptions, ServerState
 from engine_core.args import EngineArgs, default_of, make_arg_parser
 from engine_core.config import resolve_config
+from executor.heap import freeze_startup_heap
 
 logger = logging.getLogger("api_server")
 
@@ -314,6 +315,7 @@ async def _serve(
     client = await _start_engine(AsyncEngineClient, config, stop)
     if client is None:
         return 0 if stop.is_set() else 1
+    freeze_startup_heap("api server")
     try:
         await _run_http(client, config, client.tokenizer, options, sock, host, stop)
     finally:

@@ -31,6 +31,7 @@ from engine_core.messages import (
     UtilityResult,
 )
 from executor.config import EngineConfig
+from executor.heap import freeze_startup_heap
 from executor.ipc import IPC_ROOT_ENV, Receiver, Sender, die_with_parent
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ def run_engine_core(addrs: CoreAddresses, log_level: int) -> None:
         raise SystemExit(1) from None
     hs.send(msgspec.msgpack.encode(CoreReady(core.num_blocks, config.model.max_model_len)))
     hs.close()
+    freeze_startup_heap("engine core")
     proc = EngineCoreProc(core, ctx, addrs)
     try:
         proc.run()

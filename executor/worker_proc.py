@@ -22,6 +22,7 @@ import msgspec
 import zmq
 
 from executor.config import EngineConfig
+from executor.heap import freeze_startup_heap
 from executor.ipc import Receiver, Sender, die_with_parent
 from executor.messages import (
     FromWorker,
@@ -126,6 +127,8 @@ def _serve(worker: Any, rank: int, sub: Receiver, results: Sender) -> None:
             _answer(worker, results, run_step(worker, msg))
         elif isinstance(msg, WorkerRpc):
             results.send(run_rpc(worker, rank, msg))
+            if msg.method == "init_cache":  # the last step of startup
+                freeze_startup_heap(f"worker {rank}")
         elif isinstance(msg, WorkerShutdown):
             return
 

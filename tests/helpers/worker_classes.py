@@ -63,3 +63,12 @@ class OverlappingWorker(Worker):
     @property
     def overlaps_steps(self) -> bool:
         return self.config.parallel.pipeline_parallel_size == 1
+
+
+class HeapState:
+    """--worker-extension-cls: how many objects the garbage collector has frozen."""
+
+    def frozen_objects(self) -> int:
+        import gc
+
+        return gc.get_freeze_count()
