@@ -100,12 +100,22 @@ class DecodeGraphs:
         with forward_context(ForwardContext(self._metadata(bs, cascade), self.kv_caches)):
             return self.model(self.input_ids[:bs], self.positions[:bs])
 
+    def _keys(self) -> list[tuple[int, bool]]:
+        keys = [(bs, False) for bs in self.sizes] + [(bs, True) for bs in self.cascade_sizes]
+        return sorted(keys, reverse=True)  # largest first: later graphs reuse its pool
+
+    @torch.inference_mode()
+    def compile_kernels(self) -> None:
+        """Each graph's forward once, uncaptured: what capture() does first, and all an
+        engine without graphs needs to compile the decode kernels before serving."""
+        for key in self._keys():
+            self._forward(*key)
+        torch.cuda.synchronize()
+
     @torch.inference_mode()
     def capture(self) -> None:
         t0 = time.monotonic()
-        keys = [(bs, False) for bs in self.sizes] + [(bs, True) for bs in self.cascade_sizes]
-        # largest first: later graphs reuse its pool
-        for key in sorted(keys, reverse=True):
+        for key in self._keys():
             self._forward(*key)  # warm-up: Triton compiles outside the capture
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()

@@ -53,7 +53,8 @@ from executor.sampler import (
 )
 from executor.shared_prefix import shared_prefix_len
 from executor.transfer import to_device, to_host
-from kernels.dispatch import use_triton
+from executor.warmup import warm_up_prefill
+from kernels.dispatch import use_triton, use_triton_on
 
 
 @dataclass
@@ -168,9 +169,13 @@ class ModelRunner:
         if any(layer.calculate_scales for layer in attention_layers(self.model)):
             self._capture_after_first_step = True
             return
+        self.graphs = self._decode_graphs()
+        self.graphs.capture()
+
+    def _decode_graphs(self) -> DecodeGraphs:
         cfg = self.config
         max_len = min(cfg.model.max_seq_len_to_capture, cfg.model.max_model_len)
-        self.graphs = DecodeGraphs(
+        return DecodeGraphs(
             self.model,
             self.kv_caches,
             capture_sizes(cfg.scheduler.max_num_seqs, cfg.compilation.cudagraph_capture_sizes),
@@ -179,7 +184,22 @@ class ModelRunner:
             self.device,
             cascade=self.use_cascade,
         )
-        self.graphs.capture()
+
+    def warm_up(self, graphs: bool) -> None:
+        """Compile the kernels that steps will need before the first request (see
+        executor.warmup), then capture the decode graphs when `graphs`. Without them the
+        decode forwards run once eagerly instead (on one pipeline stage only: they send
+        nothing between stages)."""
+        triton = use_triton_on(self.device)
+        if triton:
+            cfg = self.config
+            warm_up_prefill(
+                self, min(cfg.scheduler.max_num_batched_tokens, cfg.model.max_model_len)
+            )
+        if graphs:
+            self.capture_cuda_graphs()
+        elif triton and self.pp.size == 1:
+            self._decode_graphs().compile_kernels()
 
     # ---- request state -----------------------------------------------------------
     def _apply_step(self, step: StepInput) -> None:

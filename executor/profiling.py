@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from executor.config import EngineConfig
-from executor.forward_context import ForwardContext, forward_context
+from executor.forward_context import ForwardContext
+from executor.warmup import dummy_forward
 from kernels.dispatch import use_triton
 from kernels.sampling import sample_tokens_triton
 
@@ -17,19 +18,12 @@ class KVCacheSizeError(RuntimeError):
 @torch.inference_mode()
 def _profile_forward(runner, config: EngineConfig) -> None:
     n = config.scheduler.max_num_batched_tokens
-    dev = runner.device
-    ids = torch.zeros(n, dtype=torch.long, device=dev)
-    positions = torch.arange(n, device=dev) % config.model.max_model_len
     model = runner.model
-    # a later pipeline stage starts from (here zero) intermediate tensors, not tokens
-    intermediate = None
-    if not model.pp.is_first:
-        intermediate = {k: t.zero_() for k, t in model.empty_intermediate(n, dev).items()}
-    with forward_context(ForwardContext(None, [])):
-        hidden = model(ids, positions, intermediate)  # [n, hidden]
-        if model.pp.is_last:
-            logits = model.compute_logits(hidden[: config.scheduler.max_num_seqs])
-            _warm_sampler(logits)
+    ctx = ForwardContext(None, [])
+    hidden = dummy_forward(model, runner.device, n, ctx, config.model.max_model_len)
+    if model.pp.is_last:  # [n, hidden]
+        logits = model.compute_logits(hidden[: config.scheduler.max_num_seqs])
+        _warm_sampler(logits)
 
 
 def _warm_sampler(logits: torch.Tensor) -> None:

@@ -104,12 +104,13 @@ class Worker:
     def init_cache(self, num_blocks: int) -> None:
         assert self.runner is not None
         self.runner.allocate_kv_cache(num_blocks, *self._cache_shape())
-        if self.device.type == "cuda" and not self.config.model.enforce_eager:
-            if self.config.parallel.pipeline_parallel_size > 1:
+        if self.device.type == "cuda":
+            graphs = not self.config.model.enforce_eager
+            if graphs and self.config.parallel.pipeline_parallel_size > 1:
                 # a graph cannot hold the send/recv between stages
                 logger.info("pipeline parallelism: decode runs eagerly, no CUDA graphs")
-            else:
-                self.runner.capture_cuda_graphs()
+                graphs = False
+            self.runner.warm_up(graphs)
 
     def execute(self, step: StepInput) -> StepOutput:
         assert self.runner is not None

@@ -585,6 +585,29 @@ def _tile_config(rows: int, group: int, block_d: int, block_size: int) -> tuple[
     return block_m, block_n, num_warps, num_stages
 
 
+def query_launches(max_query_len: int, group: int) -> list[tuple[int, int, int]]:
+    """(min, max) query length of the sequences each launch of a batch takes, and the
+    rows of its tiles: one launch when every query fits a decode-sized tile, else one
+    for the short queries and one sized by the longest."""
+    short_q = max(16, group) // group  # queries that fit one decode-sized tile
+    if max_query_len <= short_q:
+        return [(0, max_query_len, max_query_len * group)]
+    return [(0, short_q, short_q * group), (short_q + 1, max_query_len, max_query_len * group)]
+
+
+def tile_query_lens(num_heads: int, num_kv_heads: int) -> list[int]:
+    """Query lengths whose batches, one sequence each, launch every tile of _tile_config.
+
+    A batch takes the decode-sized tile for its queries of up to `short_q` tokens and
+    one sized by its longest query for the rest; these lengths reach each size (the
+    warm-up of executor.warmup compiles them all before the first request).
+    """
+    group = next_pow2(num_heads // num_kv_heads)
+    short_q = max(16, group) // group
+    medium = max(1, 64 // group)  # the longest query of a tile of at most 64 rows
+    return sorted({short_q, medium, medium + 1})
+
+
 def _launch(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -611,15 +634,6 @@ def _launch(
         return
     group = next_pow2(num_heads // num_kv_heads)
     block_d = max(16, next_pow2(head_dim))
-    # (min, max) query length of the sequences each launch takes, and its tile rows.
-    short_q = max(16, group) // group  # queries that fit one decode-sized tile
-    if max_query_len <= short_q:
-        launches = [(0, max_query_len, max_query_len * group)]
-    else:
-        launches = [
-            (0, short_q, short_q * group),
-            (short_q + 1, max_query_len, max_query_len * group),
-        ]
     partials = _split_partials(
         q, max_seq_len, num_splits, group, block_d, block_size, prefix_splits
     )
@@ -629,7 +643,7 @@ def _launch(
             q, k_cache, v_cache, block_tables, prefix_len, partials, scale * k_scale, soft_cap,
             v_scale, group, block_d, prefix_splits,
         )  # fmt: skip
-    for min_q, max_q, rows in launches:
+    for min_q, max_q, rows in query_launches(max_query_len, group):
         block_m, block_n, num_warps, num_stages = _tile_config(rows, group, block_d, block_size)
         tiles_per_seq = cdiv(max_q, block_m // group)
         grid = (num_seqs * tiles_per_seq, num_kv_heads, partials.num_splits)
