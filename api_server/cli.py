@@ -32,7 +32,7 @@ from api_server.metrics import ServerMetrics, StatsLogger
 from api_server.serving import ServerOptions, ServerState
 from engine_core.args import EngineArgs, default_of, make_arg_parser
 from engine_core.config import resolve_config
-from executor.heap import freeze_startup_heap
+from executor.heap import freeze_startup_heap, thaw_heap
 
 logger = logging.getLogger("api_server")
 
@@ -320,6 +320,7 @@ async def _serve(
         await _run_http(client, config, client.tokenizer, options, sock, host, stop)
     finally:
         await client.shutdown()
+        thaw_heap()
         logger.info("shut down")
     return 0
 

@@ -31,7 +31,7 @@ from engine_core.messages import (
     UtilityResult,
 )
 from executor.config import EngineConfig
-from executor.heap import freeze_startup_heap
+from executor.heap import freeze_startup_heap, thaw_heap
 from executor.ipc import IPC_ROOT_ENV, Receiver, Sender, die_with_parent
 
 logger = logging.getLogger(__name__)
@@ -93,6 +93,7 @@ def run_engine_core(addrs: CoreAddresses, log_level: int) -> None:
         proc.run()
     finally:
         proc.close()
+        thaw_heap()
 
 
 def _setup_logging(log_file: str, level: int, process_name: str) -> None:

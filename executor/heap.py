@@ -13,25 +13,24 @@ from __future__ import annotations
 
 import gc
 import logging
-import time
 
 logger = logging.getLogger(__name__)
 
 
 def freeze_startup_heap(who: str) -> None:
-    """Collect the startup garbage, then exempt every surviving object from collection.
+    """Exempt every object alive now from cycle collection, until `thaw_heap`.
 
     Call once a process of its own (worker, engine core, API server) has finished
-    starting: model, cache, graphs, tokenizer. Objects alive then are never freed by a
-    later cycle collection (reference counting still frees them), which suits a
-    server's startup state, but not a user's process, where an LLM may come and go.
+    starting: model, cache, graphs, tokenizer. A user's process is not ours to pin
+    (an in-process LLM may come and go). No collection comes first: its walk is what
+    startup should not pay, and the startup garbage it would free is a one-time cost.
     """
-    t0 = time.perf_counter()
-    gc.collect()
     gc.freeze()
-    logger.debug(
-        "%s: %d startup objects frozen in %.0f ms",
-        who,
-        gc.get_freeze_count(),
-        (time.perf_counter() - t0) * 1e3,
-    )
+    logger.debug("%s: %d startup objects frozen", who, gc.get_freeze_count())
+
+
+def thaw_heap() -> None:
+    """Give the frozen objects back to the collector, before the process exits: the
+    interpreter's last collection then frees them (extension modules such as Triton's
+    report what is still alive at exit as leaks)."""
+    gc.unfreeze()

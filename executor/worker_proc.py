@@ -22,7 +22,7 @@ import msgspec
 import zmq
 
 from executor.config import EngineConfig
-from executor.heap import freeze_startup_heap
+from executor.heap import freeze_startup_heap, thaw_heap
 from executor.ipc import Receiver, Sender, die_with_parent
 from executor.messages import (
     FromWorker,
@@ -67,6 +67,7 @@ def worker_main(rank: int, local_rank: int, addrs: WorkerAddresses, log_level: i
             finally:
                 worker.shutdown()
     finally:
+        thaw_heap()
         ctx.destroy(linger=0)
 
 
