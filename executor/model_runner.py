@@ -72,11 +72,14 @@ class RequestState:
     num_pending: int = 0
     pending: tuple[torch.Tensor, int] | None = None
     table_row: int = -1  # this request's row of ModelRunner.block_tables
-    # greedy or a bare temperature (sampler.temperature_only), decided once per request
+    # greedy or a bare temperature (sampler.temperature_only), and whether sampling
+    # reads the output so far (sampler.reads_output_ids): decided once per request
     temperature_only: bool = field(init=False)
+    reads_outputs: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self.temperature_only = temperature_only(self.sampling)
+        self.reads_outputs = reads_output_ids(self.sampling)
 
     @property
     def output_ids(self) -> list[int]:
@@ -374,7 +377,7 @@ class ModelRunner:
 
     def _needs_outputs_so_far(self, batch: _Batch) -> bool:
         """Whether a request with a token still on the device samples with its outputs."""
-        return any(s.num_pending and reads_output_ids(s.sampling) for s in batch.states)
+        return any(s.num_pending and s.reads_outputs for s in batch.states)
 
     def _finish(self, launched: Launched) -> StepOutput:
         if launched.copied is not None:
