@@ -146,7 +146,6 @@ def _show(value: Any) -> str:
 # The rules: what this build carries out, one entry per engine argument.
 
 WORKS = "works"
-WORKS_CPU = "works (CPU only)"
 REFUSED = "refused"
 
 
@@ -154,8 +153,7 @@ REFUSED = "refused"
 class Rule:
     """What this build does with one argument.
 
-    status: WORKS, WORKS_CPU (carried out on the CPU path; its GPU meaning arrives
-    with the GPU path) or REFUSED (any value but the default is refused).
+    status: WORKS or REFUSED (any value but the default is refused).
     allowed / accepts: for a working argument, the values carried out (the default
     always is); any other value is refused with `reason`. `scope` words `accepts`
     for the status table. check: a range check, returning the problem or None.
@@ -352,7 +350,7 @@ RULES: dict[str, Rule] = {
         "through torch.distributed (NCCL on CUDA, gloo on the CPU)"
     ),
     "device": _only(
-        ("auto", "cpu", "cuda"), "this build runs on the CPU and (with the GPU path) CUDA"
+        ("auto", "cpu", "cuda"), "this build runs on the CPU and on NVIDIA GPUs (CUDA)"
     ),
     # KV cache and memory
     "block_size": _works(),
@@ -363,11 +361,12 @@ RULES: dict[str, Rule] = {
     "seed": _works(),
     "swap_space": _works(check=_non_negative),
     "cpu_offload_gb": _refused(
-        "weight offloading needs the GPU path, not in this build yet", check=_non_negative
+        "weight offloading to the CPU is not in this build yet", check=_non_negative
     ),
-    "gpu_memory_utilization": Rule(
-        WORKS_CPU,
-        "validated; on the CPU the KV cache size comes from TESSERA_CPU_KVCACHE_SPACE",
+    "gpu_memory_utilization": _works(
+        "on CUDA the KV cache takes this fraction of the device's memory, less the weights "
+        "and the peak activations of a profiled forward; on the CPU the cache size comes "
+        "from TESSERA_CPU_KVCACHE_SPACE",
         check=_fraction,
     ),
     "num_gpu_blocks_override": _works(check=_positive),
@@ -376,7 +375,7 @@ RULES: dict[str, Rule] = {
         "keys and values, largest magnitude at half the FP8 range; CUDA graphs are "
         "captured after that step"
     ),
-    "enable_sleep_mode": _refused("sleep mode needs the GPU path, not in this build yet"),
+    "enable_sleep_mode": _refused("sleep mode is not in this build yet"),
     # Scheduler
     "max_num_batched_tokens": _works(check=_positive),
     "max_num_seqs": _works(check=_positive),
@@ -407,8 +406,13 @@ RULES: dict[str, Rule] = {
     ),
     "disable_chunked_mm_input": _refused(_NO_MM),
     # Execution and compilation
-    "enforce_eager": Rule(WORKS_CPU, "CUDA graphs are off on the CPU, so it is always eager"),
-    "max_seq_len_to_capture": Rule(WORKS_CPU, "CUDA graphs are off on the CPU", check=_positive),
+    "enforce_eager": _works(
+        "no CUDA graphs: decode steps run eagerly too (the CPU always runs eagerly)"
+    ),
+    "max_seq_len_to_capture": _works(
+        "decode steps whose longest context is over it run eagerly, outside the CUDA graphs",
+        check=_positive,
+    ),
     "compilation_config": Rule(
         WORKS,
         "levels 1-3 torch.compile the model forward in pieces between attention layers "
