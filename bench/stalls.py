@@ -175,16 +175,11 @@ def _diff(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
 
 
 def main() -> None:
-    from bench.throughput import _engine_kwargs, make_requests
+    from bench.throughput import _engine_kwargs, add_workload_args, make_requests
     from engine_core.args import EngineArgs, make_arg_parser
 
     parser = make_arg_parser(argparse.ArgumentParser(description=__doc__))
-    parser.add_argument("--dataset", choices=["random", "nano-vllm"], default="random")
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--prefix-len", type=int, default=0)
-    parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--num-prompts", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0)
+    add_workload_args(parser)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--slow-ms", type=float, default=20.0)
     args = parser.parse_args()

@@ -130,14 +130,19 @@ def _engine_kwargs(args) -> dict:
     return {k: v for k, v in vars(args).items() if k in fields}
 
 
-def main() -> None:
-    parser = make_arg_parser(argparse.ArgumentParser(description=__doc__))
+def add_workload_args(parser: argparse.ArgumentParser) -> None:
+    """The dataset and sampling of the workload (bench/stalls.py runs the same ones)."""
     parser.add_argument("--dataset", choices=["random", "nano-vllm"], default="random")
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--prefix-len", type=int, default=0)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
+
+
+def main() -> None:
+    parser = make_arg_parser(argparse.ArgumentParser(description=__doc__))
+    add_workload_args(parser)
     parser.add_argument("--baseline", choices=["none", "hf"], default="none")
     parser.add_argument("--baseline-num-prompts", type=int, default=None, help="Default: all.")
     parser.add_argument("--hf-batch-size", type=int, default=64)
