@@ -26,6 +26,7 @@ import gc
 import json
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -134,14 +135,14 @@ def _slow_forward(took: float, input_ids: Any, attn: Any, before: dict[str, int]
 
 def _bins(steps: list, waits: list) -> list[dict[str, Any]]:
     """Mean host, wait and idle microseconds per (prefill or not, batch-size bin)."""
-    groups: dict[tuple[bool, int], dict[str, list[float]]] = {}
+    groups: dict[tuple[bool, int], dict[str, list[float]]] = defaultdict(
+        lambda: {"host": [], "idle": [], "wait": []}
+    )
     for seqs, prefill, host, idle in steps:
-        g = groups.setdefault((prefill, _bound(seqs)), {"host": [], "idle": [], "wait": []})
-        g["host"].append(host)
-        g["idle"].append(idle)
+        groups[prefill, _bound(seqs)]["host"].append(host)
+        groups[prefill, _bound(seqs)]["idle"].append(idle)
     for seqs, prefill, wait in waits:
-        g = groups.setdefault((prefill, _bound(seqs)), {"host": [], "idle": [], "wait": []})
-        g["wait"].append(wait)
+        groups[prefill, _bound(seqs)]["wait"].append(wait)
     rows: list[dict[str, Any]] = []
     for (prefill, bound), g in sorted(groups.items()):
         row: dict[str, Any] = {"prefill": prefill, "max_seqs": bound, "steps": len(g["host"])}
