@@ -124,10 +124,14 @@ w3() { # latency at batch 1 and 8, and transformers' on the same batches
 
 w4() { # serving at request rates 4, 16 and inf
   start_server "$OUT/w4_server.log" "${BIG_ARGS[@]}" || return 1
+  # A seed of its own per rate: prompts that an earlier rate left in the prefix cache
+  # would skip their prefill (one server serves all three rates)
+  local rate seed=1
   for rate in 4 16 inf; do
     step "w4_rate$rate" 300 "$PY" bench/serve.py --port "$PORT" --tokenizer "$BIG" \
       --num-prompts $N4 --random-input-len $IN --random-output-len $OUT_LEN --ignore-eos \
-      --request-rate $rate --output-json "$OUT/w4_rate$rate.json"
+      --request-rate $rate --seed $seed --output-json "$OUT/w4_rate$rate.json"
+    seed=$((seed + 1))
   done
   stop_server
 }

@@ -10,7 +10,8 @@ through a worker extension (`bench.stalls.StepStalls`, set here as
   receiving the next);
 - each model forward that held the host over --slow-ms, with the Triton kernel
   variants compiled during it;
-- the process's cyclic garbage collections: how many, their total and longest pause.
+- the process's cyclic garbage collections: how many, their total and longest pause;
+- the tokens computed: above the prompts' and outputs' count, preemption recomputed.
 
 It found W2's two stalls (bench/RESULTS.md, "Compile stalls and collector pauses"):
 attention tiles compiled mid-run, and collector walks of the whole startup heap.
@@ -59,6 +60,7 @@ class _Recorder:
         self.runner = runner
         self.slow_s = slow_s
         self.steps: list[tuple[int, bool, float, float]] = []  # seqs, prefill, host, idle
+        self.tokens = 0  # computed: more than prompts plus outputs when preemption recomputes
         self.waits: list[tuple[int, bool, float]] = []  # seqs, prefill, finish's wait
         self.slow: list[dict[str, Any]] = []
         self.gc_pauses: list[float] = []
@@ -77,6 +79,7 @@ class _Recorder:
             out = launch(step)
             counts = step.num_scheduled_tokens
             shape = (len(counts), max(counts.values(), default=1) > 1)
+            self.tokens += sum(counts.values())
             self.steps.append((*shape, time.perf_counter() - t0, t0 - self._last_finish))
             self._last_shape = shape
             return out
@@ -112,6 +115,7 @@ class _Recorder:
             delattr(self.runner, name)
         return {
             "steps": len(self.steps),
+            "tokens_computed": self.tokens,
             "bins": _bins(self.steps, self.waits),
             "slow_forwards": self.slow,
             "gc": {

@@ -31,6 +31,7 @@ def test_each_run_reports_every_step_binned_and_the_collector(tmp_path) -> None:
         forwards = worker["slow_forwards"]
         assert len(forwards) == steps
         assert sum(f["tokens"] for f in forwards) == 17 + 25 - 4
+        assert worker["tokens_computed"] == 17 + 25 - 4
         assert set(worker["gc"]) == {"collections", "total_ms", "max_ms"}
 
 
