@@ -10,7 +10,8 @@
 # bench/models/ with dummy bf16 weights and a tokenizer generated into /tmp
 # (bench/make_tokenizer.py). Every step runs under `timeout`; a server started here is
 # stopped on exit, whatever the exit. --smoke: tiny models on the CPU, a few prompts.
-# $PYTHON picks the interpreter (default: python).
+# $PYTHON picks the interpreter (default: python); $W4_RATES the request rates of W4
+# (default: 4 16 inf).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -126,12 +127,12 @@ w4() { # serving at request rates 4, 16 and inf
   start_server "$OUT/w4_server.log" "${BIG_ARGS[@]}" || return 1
   # A seed of its own per rate: prompts that an earlier rate left in the prefix cache
   # would skip their prefill (one server serves all three rates)
-  local rate seed=1
-  for rate in 4 16 inf; do
+  local rate seed
+  for rate in ${W4_RATES:-4 16 inf}; do
+    case $rate in 4) seed=1 ;; 16) seed=2 ;; *) seed=3 ;; esac
     step "w4_rate$rate" 300 "$PY" bench/serve.py --port "$PORT" --tokenizer "$BIG" \
       --num-prompts $N4 --random-input-len $IN --random-output-len $OUT_LEN --ignore-eos \
       --request-rate $rate --seed $seed --output-json "$OUT/w4_rate$rate.json"
-    seed=$((seed + 1))
   done
   stop_server
 }

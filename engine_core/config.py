@@ -20,9 +20,12 @@ The rules, in the order they are applied:
 * max_model_len: the model's max_position_embeddings (or n_positions, ...),
   times the RoPE factor for linear/dynamic/yarn scaling, capped at the sliding
   window with --disable-sliding-window.
-* Scheduler: max_num_seqs 256 on CUDA, 128 on the CPU (fewer, larger steps are
-  no faster there); max_num_batched_tokens 8192 with chunked prefill, else
-  max(8192, max_model_len).
+* Scheduler (`default_budgets`): on CUDA vLLM's defaults, which depend on the GPU
+  and the entry point: a GPU of at least 70 GiB that is not an A100 (H100, H200)
+  takes 1024 sequences and 16384 tokens a step offline (the LLM class), 8192
+  behind the server; a smaller one 256 sequences and 8192 / 2048 tokens. On the
+  CPU 128 sequences (fewer, larger steps are no faster there) and 8192 tokens.
+  Without chunked prefill the token budget is at least max_model_len.
 * CPU KV cache: TESSERA_CPU_KVCACHE_SPACE GiB (default 4); the number of blocks
   is that space divided by the bytes of one block (all layers, K and V).
 * Executor backend (auto): mp while TP x PP fits this machine's GPUs (on the CPU
@@ -67,9 +70,10 @@ from engine_core.args import (
     parse_optional_str,
 )
 from engine_core.config_cache import folder_hf_config, generation_config, gguf_hf_config
-from engine_core.cuda_devices import cuda_device_count
+from engine_core.cuda_devices import cuda_device_count, first_device_info
 from engine_core.models_alias import AliasNotInstalledError, is_alias, resolve_alias
 from executor.config import (
+    DEFAULT_ADMISSION_HORIZON,
     ArgumentError,
     CacheConfig,
     CompilationConfig,
@@ -117,6 +121,7 @@ CONTEXT_LENGTH_KEYS = (
 )
 DEFAULT_CONTEXT_LENGTH = 2048  # when the config names no length at all
 CPU_KVCACHE_ENV = "TESSERA_CPU_KVCACHE_SPACE"
+ADMISSION_HORIZON_ENV = "TESSERA_ADMISSION_HORIZON"
 DEFAULT_CPU_KVCACHE_GIB = 4.0
 DEFAULT_BLOCK_SIZE = 16
 MAX_CUDA_BLOCK_SIZE = 128
@@ -825,13 +830,30 @@ def resolve_block_size(requested: int | None, device: str) -> int:
     return block_size
 
 
-def resolve_scheduler(args: EngineArgs, max_model_len: int, device: str) -> SchedulerConfig:
+def default_budgets(device: str, offline: bool) -> tuple[int, int]:
+    """(max_num_batched_tokens, max_num_seqs) when neither is given. On CUDA, vLLM's
+    table: a GPU of 70 GiB or more (not an A100) takes 16384 tokens offline and 8192
+    behind the server, with 1024 sequences; a smaller one 8192 offline and 2048 served,
+    with 256. The offline budget is larger because only throughput counts there."""
+    if device != "cuda":
+        return 8192, 128
+    info = first_device_info()
+    large = info is not None and info.total_memory >= 70 << 30 and "a100" not in info.name.lower()
+    if large:
+        return (16384 if offline else 8192), 1024
+    return (8192 if offline else 2048), 256
+
+
+def resolve_scheduler(
+    args: EngineArgs, max_model_len: int, device: str, offline: bool = False
+) -> SchedulerConfig:
     """Token and sequence budgets and chunked-prefill settings."""
     chunked = True if args.enable_chunked_prefill is None else args.enable_chunked_prefill
-    max_num_seqs = args.max_num_seqs or (256 if device == "cuda" else 128)
+    tokens, seqs = default_budgets(device, offline)
+    max_num_seqs = args.max_num_seqs or seqs
     max_tokens = args.max_num_batched_tokens
     if max_tokens is None:
-        max_tokens = 8192 if chunked else max(8192, max_model_len)
+        max_tokens = tokens if chunked else max(tokens, max_model_len)
     elif not chunked and max_tokens < max_model_len:
         raise ConfigError(
             "--max-num-batched-tokens",
@@ -865,7 +887,21 @@ def resolve_scheduler(args: EngineArgs, max_model_len: int, device: str) -> Sche
         num_lookahead_slots=args.num_lookahead_slots,
         scheduler_cls=args.scheduler_cls,
         async_scheduling=not args.disable_async_output_proc,
+        admission_horizon=admission_horizon(),
     )
+
+
+def admission_horizon() -> int:
+    """Tokens of growth kept free per running request when a prompt is admitted:
+    TESSERA_ADMISSION_HORIZON, default 256 (0: admit while any block is free)."""
+    text = os.environ.get(ADMISSION_HORIZON_ENV, "").strip()
+    if not text:
+        return DEFAULT_ADMISSION_HORIZON
+    if not text.isdigit():
+        raise ConfigError(
+            ADMISSION_HORIZON_ENV, text, "must be a whole number of tokens, 0 or more"
+        )
+    return int(text)
 
 
 def _check_partial_prefills(args: EngineArgs, chunked: bool, max_model_len: int) -> None:
@@ -1111,8 +1147,9 @@ def _check_device_count(tp: int, pp: int, dp: int) -> None:
     )
 
 
-def resolve_config(args: EngineArgs) -> EngineConfig:
-    """Resolve every "auto" of `args` into the frozen EngineConfig.
+def resolve_config(args: EngineArgs, offline: bool = False) -> EngineConfig:
+    """Resolve every "auto" of `args` into the frozen EngineConfig; `offline` for the
+    LLM class (vLLM's LLM_CLASS usage context), whose default batches are larger.
 
     Raises ConfigError (a ValueError) naming the argument, its value and the reason
     for anything this build cannot carry out.
@@ -1145,7 +1182,7 @@ def resolve_config(args: EngineArgs) -> EngineConfig:
             cpu_kv_cache_space_gib=cpu_kv_cache_space_gib(),
         ),
         parallel=resolve_parallel(args, model, device),
-        scheduler=resolve_scheduler(args, model.max_model_len, device),
+        scheduler=resolve_scheduler(args, model.max_model_len, device, offline),
         device=DeviceConfig(device=device),
         load=LoadConfig(
             load_format=load_format,

@@ -16,8 +16,23 @@ import functools
 import importlib.util
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 _UNKNOWN = "unknown"
+_NAME_LEN = 96  # NVML_DEVICE_NAME_V2_BUFFER_SIZE
+
+
+class DeviceInfo(NamedTuple):
+    total_memory: int  # bytes
+    name: str
+
+
+class _MemoryInfo(ctypes.Structure):  # nvmlMemory_t
+    _fields_ = [
+        ("total", ctypes.c_ulonglong),
+        ("free", ctypes.c_ulonglong),
+        ("used", ctypes.c_ulonglong),
+    ]
 
 
 def cuda_device_count() -> int:
@@ -87,3 +102,40 @@ def _nvml_device_count() -> int | None:
     except (OSError, AttributeError):
         return None
     return int(count.value) if ok else None
+
+
+@functools.cache
+def first_device_info() -> DeviceInfo | None:
+    """Memory and name of the first CUDA device torch will see (CUDA_VISIBLE_DEVICES
+    applied), from NVML; None where NVML cannot tell or torch sees no device.
+    vLLM picks its default batch budgets from these two."""
+    if cuda_device_count() == 0:
+        return None
+    first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+        if nvml.nvmlInit_v2() != 0:
+            return None
+        try:
+            return _device_info(nvml, first)
+        finally:
+            nvml.nvmlShutdown()
+    except (OSError, AttributeError):
+        return None
+
+
+def _device_info(nvml: ctypes.CDLL, first: str) -> DeviceInfo | None:
+    handle = ctypes.c_void_p()
+    if first.isdigit():
+        found = nvml.nvmlDeviceGetHandleByIndex_v2(int(first), ctypes.byref(handle))
+    else:  # a UUID; CUDA also takes a unique prefix of one, NVML only the whole
+        found = nvml.nvmlDeviceGetHandleByUUID(first.encode(), ctypes.byref(handle))
+    memory = _MemoryInfo()
+    name = ctypes.create_string_buffer(_NAME_LEN)
+    if (
+        found != 0
+        or nvml.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(memory)) != 0
+        or nvml.nvmlDeviceGetName(handle, name, ctypes.c_uint(_NAME_LEN)) != 0
+    ):
+        return None
+    return DeviceInfo(int(memory.total), name.value.decode(errors="replace"))

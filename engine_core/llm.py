@@ -26,7 +26,7 @@ from engine_core.tokenizer import Tokenizer
 
 class LLM:
     def __init__(self, model: str = "facebook/opt-125m", **engine_args: Any) -> None:
-        self.config = resolve_config(EngineArgs(model=model, **engine_args))
+        self.config = resolve_config(EngineArgs(model=model, **engine_args), offline=True)
         m = self.config.model
         self.tokenizer = None if m.skip_tokenizer_init else self._load_tokenizer()
         self.engine = make_sync_client(self.config)

@@ -108,6 +108,9 @@ class ParallelConfig(_Frozen, frozen=True, kw_only=True, forbid_unknown_fields=T
         return (self.pipeline_parallel_size - 1) * self.tensor_parallel_size
 
 
+DEFAULT_ADMISSION_HORIZON = 256
+
+
 class SchedulerConfig(_Frozen, frozen=True, kw_only=True, forbid_unknown_fields=True):
     max_num_batched_tokens: int = 8192
     max_num_seqs: int = 256
@@ -124,6 +127,9 @@ class SchedulerConfig(_Frozen, frozen=True, kw_only=True, forbid_unknown_fields=
     scheduler_cls: str = ""
     # schedule step N+1 while step N runs (off: --disable-async-output-proc)
     async_scheduling: bool = True
+    # tokens of growth kept free per running request when admitting a prompt
+    # (engine_core.scheduler.headroom; TESSERA_ADMISSION_HORIZON)
+    admission_horizon: int = DEFAULT_ADMISSION_HORIZON
 
 
 class DeviceConfig(_Frozen, frozen=True, kw_only=True, forbid_unknown_fields=True):

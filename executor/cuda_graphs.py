@@ -26,18 +26,23 @@ from executor.forward_context import AttentionMetadata, ForwardContext, forward_
 from executor.shared_prefix import CASCADE_MIN_SEQS
 
 CASCADE_SIZES_STEP = 32
+# Wider decode steps run eagerly: the launches a graph saves are a small part of
+# their time, and every size costs capture time and memory.
+MAX_CAPTURE_SIZE = 512
 
 logger = logging.getLogger(__name__)
 
 
 def capture_sizes(max_num_seqs: int, given: list[int] | None = None) -> list[int]:
-    """1, 2, 4, then every multiple of 8 up to max_num_seqs (or the configured list)."""
+    """The configured list, else vLLM's: 1, 2, 4, multiples of 8 below 256, then of 16
+    up to max_num_seqs or MAX_CAPTURE_SIZE, whichever is less (and that bound)."""
     if given:
         return sorted(s for s in set(given) if 0 < s <= max_num_seqs)
-    sizes = [s for s in (1, 2, 4) if s <= max_num_seqs]
-    sizes += list(range(8, max_num_seqs + 1, 8))
-    if sizes[-1] != max_num_seqs:
-        sizes.append(max_num_seqs)
+    top = min(max_num_seqs, MAX_CAPTURE_SIZE)
+    sizes = [s for s in (1, 2, 4) if s <= top]
+    sizes += list(range(8, min(top + 1, 256), 8)) + list(range(256, top + 1, 16))
+    if sizes[-1] != top:
+        sizes.append(top)
     return sizes
 
 

@@ -118,6 +118,10 @@ class KVCacheManager:
         table = self._tables.get(request_id)
         return list(table.block_ids) if table is not None else []
 
+    def num_held_blocks(self, request_id: str) -> int:
+        table = self._tables.get(request_id)
+        return len(table.block_ids) if table is not None else 0
+
     def prefix_cache_stats(self) -> tuple[int, int]:
         """(queries, hits) in tokens since the last call; resets both.
 

@@ -3,7 +3,8 @@
 There are no prefill and decode phases. Each step every running request gets the
 tokens it still lacks (1 for a decode, the rest of its prompt for a prefill) under
 the token budget (`max_num_batched_tokens`) and `max_num_seqs`, so long prompts are
-chunked and decodes are never starved. When the KV cache runs out, the
+chunked and decodes are never starved. A prompt is admitted only while the running
+requests keep room to grow (`headroom`); when the KV cache runs out all the same, the
 lowest-priority running request is preempted and later recomputed.
 
 `schedule()` returns plain data (`StepInput`); `update()` takes the step's output and
@@ -37,6 +38,7 @@ import time
 from engine_core.kv_cache.manager import KVCacheManager
 from engine_core.messages import EngineCoreOutput, FinishReason, SchedulerStats
 from engine_core.request import Request, RequestStatus
+from engine_core.scheduler.headroom import Headroom
 from engine_core.scheduler.queues import make_queue
 from executor.config import SchedulerConfig
 from executor.messages import NewRequest, RunningRequest, StepInput, StepOutput
@@ -201,11 +203,15 @@ class Scheduler:
     def _schedule_waiting(self, plan: _StepPlan) -> None:
         admitted = False
         passed_over: list[Request] = []
+        cfg = self.config
+        headroom = Headroom(
+            self.kv, cfg.admission_horizon, cfg.max_model_len, cfg.max_num_partial_prefills
+        )
         while len(self.waiting) and plan.budget > 0:
             if len(self.running) >= self.config.max_num_seqs or len(plan.tokens) >= plan.max_seqs:
                 break
             req = self.waiting.pop()
-            verdict = self._admit(req, plan)
+            verdict = self._admit(req, plan, headroom)
             if verdict is _Admit.YES:
                 admitted = True
                 continue
@@ -220,7 +226,7 @@ class Scheduler:
                 self._last_prompt_latency = now - self._last_prompt_time
             self._last_prompt_time = now
 
-    def _admit(self, req: Request, plan: _StepPlan) -> _Admit:
+    def _admit(self, req: Request, plan: _StepPlan, headroom: Headroom) -> _Admit:
         if req.request_id in plan.preempted:
             return _Admit.STOP  # preempted in this very step: not back before the next
         while True:
@@ -234,6 +240,10 @@ class Scheduler:
                 verdict = self._may_start_partial(req, plan)
                 if verdict is not _Admit.YES:
                     return verdict
+            new_blocks = self.kv.num_blocks_needed(num_cached + n) - len(cached_blocks)
+            if not headroom.allows(self.running, req, num_cached + n, new_blocks):
+                if self._priority_victim_for(req) is None:
+                    return _Admit.STOP  # leave the running requests room to grow
             blocks = self.kv.allocate_slots(req, n, cached_blocks, num_cached)
             if blocks is not None:
                 break
@@ -247,6 +257,7 @@ class Scheduler:
         req.num_computed_tokens = num_cached
         if req.num_cached_tokens < 0:
             req.num_cached_tokens = num_cached
+        headroom.admitted(req)
         self.running.append(req)
         plan.add(req, n, blocks)
         return _Admit.YES

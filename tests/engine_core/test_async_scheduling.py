@@ -61,8 +61,15 @@ def next_token(tokens: list[int]) -> int:
     return EOS if h < 5 else 3 + h % 40
 
 
-def make_scheduler(async_scheduling: bool, num_blocks=64, budget=16, max_seqs=8) -> Scheduler:
-    cfg = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs, max_model_len=64)
+def make_scheduler(
+    async_scheduling: bool, num_blocks=64, budget=16, max_seqs=8, horizon=256
+) -> Scheduler:
+    cfg = SchedulerConfig(
+        max_num_batched_tokens=budget,
+        max_num_seqs=max_seqs,
+        max_model_len=64,
+        admission_horizon=horizon,
+    )
     kv = KVCacheManager(num_blocks, BLOCK, True, "builtin", 64)
     return Scheduler(cfg, kv, 1, async_scheduling=async_scheduling)
 
@@ -170,8 +177,9 @@ def test_eos_drops_the_step_behind_it_and_frees_the_blocks():
 
 
 def test_when_every_candidate_is_in_flight_the_request_waits_instead_of_preempting():
-    # null + 4 usable blocks of 4 tokens: two requests of 8 tokens fill them
-    s = make_scheduler(True, num_blocks=5)
+    # null + 4 usable blocks of 4 tokens: two requests of 8 tokens fill them (admitted
+    # together only without headroom)
+    s = make_scheduler(True, num_blocks=5, horizon=0)
     a = make_request("a", [3] * 8, max_tokens=4, ignore_eos=True)
     b = make_request("b", [4] * 8, max_tokens=4, ignore_eos=True)
     s.add_request(a)

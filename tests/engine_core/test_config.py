@@ -10,16 +10,21 @@ from typing import Any
 import pytest
 from transformers import GPT2Config, LlamaConfig, MistralConfig, OPTConfig
 
+from engine_core import config as config_module
 from engine_core.args import EngineArgs, default_of, engine_arg_names, flag_of
 from engine_core.config import (
+    ADMISSION_HORIZON_ENV,
     CPU_KVCACHE_ENV,
     REFUSED,
     RULES,
     ConfigError,
     apply_hf_overrides,
+    default_budgets,
     resolve_config,
     resolve_dtype,
+    resolve_scheduler,
 )
+from engine_core.cuda_devices import DeviceInfo
 from engine_core.models_alias import resolve_alias
 from executor.config import EngineConfig
 
@@ -309,6 +314,55 @@ def test_scheduler_defaults_on_cpu(llama: Path) -> None:
     assert scheduler.enable_chunked_prefill is True
     assert (scheduler.policy, scheduler.preemption_mode) == ("fcfs", "recompute")
     assert scheduler.long_prefill_token_threshold == 0
+
+
+GIB = 1 << 30
+
+
+@pytest.mark.parametrize(
+    ("info", "offline", "budgets"),
+    [
+        (DeviceInfo(80 * GIB, "NVIDIA H100 80GB HBM3"), True, (16384, 1024)),
+        (DeviceInfo(80 * GIB, "NVIDIA H100 80GB HBM3"), False, (8192, 1024)),
+        (DeviceInfo(141 * GIB, "NVIDIA H200"), True, (16384, 1024)),
+        (DeviceInfo(80 * GIB, "NVIDIA A100-SXM4-80GB"), True, (8192, 256)),
+        (DeviceInfo(80 * GIB, "NVIDIA A100-SXM4-80GB"), False, (2048, 256)),
+        (DeviceInfo(24 * GIB, "NVIDIA L4"), False, (2048, 256)),
+        (None, True, (8192, 256)),  # NVML could not tell: the smaller GPU's budgets
+    ],
+)
+def test_cuda_budgets_follow_the_gpu_and_the_entry_point(
+    monkeypatch: pytest.MonkeyPatch, info: DeviceInfo | None, offline: bool, budgets: tuple
+) -> None:
+    monkeypatch.setattr(config_module, "first_device_info", lambda: info)
+    assert default_budgets("cuda", offline) == budgets
+    assert default_budgets("cpu", offline) == (8192, 128)
+
+
+def test_the_llm_class_resolves_offline_budgets(
+    monkeypatch: pytest.MonkeyPatch, llama: Path
+) -> None:
+    monkeypatch.setattr(config_module, "first_device_info", lambda: DeviceInfo(80 * GIB, "H100"))
+    args = EngineArgs(model=str(llama), device="cpu", max_model_len=256)
+    served = resolve_scheduler(args, 256, "cuda").max_num_batched_tokens
+    assert (served, resolve_scheduler(args, 256, "cuda", offline=True).max_num_batched_tokens) == (
+        8192,
+        16384,
+    )
+    # without chunked prefill a whole prompt still fits one step
+    whole = EngineArgs(model=str(llama), enable_chunked_prefill=False)
+    assert resolve_scheduler(whole, 32768, "cuda").max_num_batched_tokens == 32768
+
+
+def test_admission_horizon_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, llama: Path
+) -> None:
+    assert resolve(llama).scheduler.admission_horizon == 256
+    monkeypatch.setenv(ADMISSION_HORIZON_ENV, "0")
+    assert resolve(llama).scheduler.admission_horizon == 0
+    for bad in ("-1", "lots", "1.5"):
+        monkeypatch.setenv(ADMISSION_HORIZON_ENV, bad)
+        assert refusal(llama).arg_name == ADMISSION_HORIZON_ENV
 
 
 def test_scheduler_values_carried(llama: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 
@@ -40,3 +42,38 @@ def test_without_nvml_torch_answers(monkeypatch):
     monkeypatch.setattr(cuda_devices, "_nvml_device_count", lambda: None)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     assert cuda_devices.cuda_device_count() == 3
+
+
+class FakeNvml:
+    """NVML's four calls behind first_device_info, answering for one device."""
+
+    def __init__(self, index: int, uuid: str) -> None:
+        self.index, self.uuid = index, uuid
+
+    def nvmlDeviceGetHandleByIndex_v2(self, index, handle):  # noqa: N802 (NVML's names)
+        return 0 if index == self.index else 2
+
+    def nvmlDeviceGetHandleByUUID(self, uuid, handle):  # noqa: N802
+        return 0 if uuid == self.uuid.encode() else 2
+
+    def nvmlDeviceGetMemoryInfo(self, handle, memory):  # noqa: N802
+        memory._obj.total = 80 << 30
+        return 0
+
+    def nvmlDeviceGetName(self, handle, name, length):  # noqa: N802
+        ctypes.memmove(name, b"NVIDIA H100 80GB HBM3\0", 22)
+        return 0
+
+
+@pytest.mark.parametrize(("first", "found"), [("1", True), ("GPU-ab12", True), ("0", False)])
+def test_device_info_of_the_first_visible_device(first, found):
+    info = cuda_devices._device_info(FakeNvml(1, "GPU-ab12"), first)
+    expected = cuda_devices.DeviceInfo(80 << 30, "NVIDIA H100 80GB HBM3")
+    assert info == (expected if found else None)
+
+
+def test_no_device_no_info(monkeypatch):
+    cuda_devices.first_device_info.cache_clear()
+    monkeypatch.setattr(cuda_devices, "torch_cuda_version", lambda: None)
+    assert cuda_devices.first_device_info() is None
+    cuda_devices.first_device_info.cache_clear()

@@ -8,6 +8,7 @@ import random
 import pytest
 
 from engine_core import LLM, SamplingParams
+from engine_core.config import ADMISSION_HORIZON_ENV
 from tests.helpers.reference import hf_greedy, load_hf_model
 from tests.helpers.tiny_models import make_tiny_model, smollm2_gguf_path
 
@@ -79,7 +80,7 @@ def _run(path: str, prompts, max_tokens=24, **engine_args) -> list[list[int]]:
     return token_ids(outs)
 
 
-def test_invariance_prefix_cache_chunking_preemption_batching(llama):
+def test_invariance_prefix_cache_chunking_preemption_batching(llama, monkeypatch):
     shared = random_prompts(1, (40, 40), seed=7)[0]
     prompts = [shared + p for p in random_prompts(8, (1, 30), seed=3)]
     prompts += random_prompts(8, (5, 60), seed=4)
@@ -87,8 +88,12 @@ def test_invariance_prefix_cache_chunking_preemption_batching(llama):
     assert _run(llama, prompts, enable_prefix_caching=True) == base
     # a token budget of 16: every prompt longer than that is chunked
     assert _run(llama, prompts, max_num_batched_tokens=16, max_num_seqs=4) == base
-    # 40 blocks of 16 tokens for 16 requests of up to ~100 tokens: preemption
+    # 40 blocks of 16 tokens for 16 requests of up to ~100 tokens: the admission
+    # headroom holds prompts back; without it they preempt each other
     assert _run(llama, prompts, num_gpu_blocks_override=40, block_size=16) == base
+    monkeypatch.setenv(ADMISSION_HORIZON_ENV, "0")
+    assert _run(llama, prompts, num_gpu_blocks_override=40, block_size=16) == base
+    monkeypatch.delenv(ADMISSION_HORIZON_ENV)
     single = [_run(llama, [p])[0] for p in prompts[:4]]
     assert single == base[:4]
 

@@ -7,6 +7,7 @@ import itertools
 from engine_core.kv_cache.manager import KVCacheManager
 from engine_core.messages import FinishReason
 from engine_core.request import Request
+from engine_core.scheduler.headroom import Headroom
 from engine_core.scheduler.scheduler import Scheduler
 from executor.config import SchedulerConfig
 from executor.messages import SamplingOptions, StepInput, StepOutput
@@ -125,8 +126,9 @@ def test_stop_conditions():
 
 
 def test_preemption_recomputes_the_latest_arrival():
-    # 5 blocks = null + 4 usable: two requests of 8 tokens fill them
-    s = make_scheduler(num_blocks=5)
+    # 5 blocks = null + 4 usable: two requests of 8 tokens fill them (admitted together
+    # only without headroom)
+    s = make_scheduler(num_blocks=5, admission_horizon=0)
     a = make_request(n_prompt=8, max_tokens=6)
     b = make_request(n_prompt=8, max_tokens=6)
     s.add_request(a)
@@ -142,6 +144,61 @@ def test_preemption_recomputes_the_latest_arrival():
     inp, _ = step(s)  # b comes back: all 9 known tokens recomputed, whole new table
     assert inp.num_scheduled_tokens == {b.request_id: 9}
     assert inp.running[0].resumed and len(inp.running[0].new_block_ids) == 3
+
+
+def test_admission_leaves_the_running_requests_room_to_grow():
+    # null + 8 usable blocks of 4 tokens; each request holds 8 prompt tokens in 2 blocks
+    # and grows to 11 computed tokens (the 4th output is never computed): 3 blocks
+    s = make_scheduler(num_blocks=9)
+    reqs = [make_request(n_prompt=8, max_tokens=4) for _ in range(4)]
+    for r in reqs:
+        r.ignore_eos = True
+        s.add_request(r)
+    ids = [r.request_id for r in reqs]
+    inp, _ = step(s)
+    assert list(inp.num_scheduled_tokens) == ids[:2]  # the budget of 16 tokens
+    inp, _ = step(s)  # 2 blocks free would hold c's prompt, but leave it none to grow in
+    assert list(inp.num_scheduled_tokens) == ids[:2]
+    admitted, preempted = [], []
+    while s.requests:
+        inp, _ = step(s)
+        admitted += [n.req_id for n in inp.new_requests]
+        preempted += inp.preempted_req_ids
+    assert admitted == ids[2:] and preempted == []
+    assert all(len(r.output_token_ids) == 4 for r in reqs)
+    # without headroom the third request comes in at once and is preempted later
+    s = make_scheduler(num_blocks=9, admission_horizon=0)
+    for r in [make_request(n_prompt=8, max_tokens=4) for _ in range(4)]:
+        r.ignore_eos = True
+        s.add_request(r)
+    preempted = []
+    while s.requests:
+        preempted += step(s)[0].preempted_req_ids
+    assert preempted
+
+
+def test_the_horizon_caps_what_a_long_request_reserves():
+    s = make_scheduler(num_blocks=64, admission_horizon=8)
+    r = make_request(n_prompt=6, max_tokens=40)
+    s.add_request(r)
+    step(s)  # 7 tokens in 2 blocks: 8 more end at 15, in 4 blocks
+    headroom = Headroom(s.kv, 8, 64)
+    assert headroom.blocks_ahead(r) == 2
+    assert headroom._sum_ahead(s.running) == 2  # the sum that allows() takes
+    assert Headroom(s.kv, 256, 64).blocks_ahead(r) == 10  # 45 computed tokens: 12 blocks
+    assert Headroom(s.kv, 256, 20).blocks_ahead(r) == 3  # the model length: 20 tokens
+    new = make_request(n_prompt=4, max_tokens=5)  # 1 block now, 8 tokens: 1 more ahead
+    # 61 blocks free: after the new one takes its blocks, 2 + 1 must stay free
+    assert headroom.allows(s.running, new, 4, 58) and not headroom.allows(s.running, new, 4, 59)
+    assert Headroom(s.kv, 0, 64).allows(s.running, new, 4, 61)  # horizon 0: whatever fits
+
+
+def test_a_prompt_is_admitted_when_nothing_runs_whatever_it_leaves():
+    s = make_scheduler(num_blocks=5)
+    r = make_request(n_prompt=16, max_tokens=8)  # all 4 usable blocks, none to grow in
+    s.add_request(r)
+    inp, _ = step(s)
+    assert inp.num_scheduled_tokens == {r.request_id: 16}
 
 
 def test_priority_arrival_preempts_a_running_request():
@@ -241,7 +298,7 @@ def test_micro_batches_share_the_requests_and_never_overlap():
 
 def test_a_request_in_flight_is_never_preempted():
     # 5 blocks = null + 4 usable: two requests of 8 tokens fill them
-    s = make_scheduler(num_blocks=5, pp=2)
+    s = make_scheduler(num_blocks=5, pp=2, admission_horizon=0)
     a = make_request(n_prompt=8, max_tokens=3)
     b = make_request(n_prompt=8, max_tokens=3)
     s.add_request(a)

@@ -49,6 +49,14 @@ def test_shared_prefix_needs_a_wide_batch_and_a_long_prefix():
 def test_cascade_graph_sizes():
     assert cascade_sizes(capture_sizes(256)) == [8, 16, 24, 32, 64, 96, 128, 160, 192, 224, 256]
     assert cascade_sizes(capture_sizes(100)) == [8, 16, 24, 32, 64, 96, 100]
+
+
+def test_capture_sizes_are_vllms():
+    assert capture_sizes(256) == [1, 2, 4, *range(8, 257, 8)]
+    assert capture_sizes(1024) == [1, 2, 4, *range(8, 256, 8), *range(256, 513, 16)]
+    assert capture_sizes(300) == [1, 2, 4, *range(8, 256, 8), *range(256, 300, 16), 300]
+    assert capture_sizes(3) == [1, 2, 3]
+    assert capture_sizes(1024, [4, 1, 2048]) == [1, 4]
     assert cascade_sizes([1, 2, 4]) == []
 
 
