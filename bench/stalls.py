@@ -4,7 +4,8 @@ The workload of bench/throughput.py (same arguments) runs --runs times in one en
 through a worker extension (`bench.stalls.StepStalls`, set here as
 --worker-extension-cls) that records, in each worker, per run:
 - per step, binned by batch size (steps with a prefill apart): the worker's host time
-  to launch it (inputs, forward, sampling), how long finishing it waited for the device
+  to launch it, and that time's parts (PHASES: bookkeeping, inputs, the forward's
+  launches, sampling), how long finishing it waited for the device
   (a long wait: the GPU is the limit, the host is not), and the worker's idle time
   before it (with mp: the engine core's round trip, from answering one step to
   receiving the next);
@@ -35,6 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # batch sizes of the bins: up to each bound
 BIN_BOUNDS = (16, 64, 128, 256, 1 << 30)
+# the runner methods (`_` + name) that make up a launch's host time, timed apart:
+# the step's bookkeeping, its inputs, the model, and queueing the sampling
+PHASES = ("apply_step", "prepare_inputs", "forward", "sample")
 
 
 class StepStalls:
@@ -59,7 +63,9 @@ class _Recorder:
     def __init__(self, runner: Any, slow_s: float) -> None:
         self.runner = runner
         self.slow_s = slow_s
-        self.steps: list[tuple[int, bool, float, float]] = []  # seqs, prefill, host, idle
+        # seqs, prefill, host, idle, then the host's phases (PHASES)
+        self.steps: list[tuple[Any, ...]] = []
+        self._phases = dict.fromkeys(PHASES, 0.0)  # of the step being launched
         self.tokens = 0  # computed: more than prompts plus outputs when preemption recomputes
         self.waits: list[tuple[int, bool, float]] = []  # seqs, prefill, finish's wait
         self.slow: list[dict[str, Any]] = []
@@ -75,12 +81,14 @@ class _Recorder:
         launch, finish, forward = runner._launch, runner._finish, runner._forward
 
         def timed_launch(step: Any) -> Any:
+            self._phases = dict.fromkeys(PHASES, 0.0)
             t0 = time.perf_counter()
             out = launch(step)
             counts = step.num_scheduled_tokens
             shape = (len(counts), max(counts.values(), default=1) > 1)
             self.tokens += sum(counts.values())
-            self.steps.append((*shape, time.perf_counter() - t0, t0 - self._last_finish))
+            host = time.perf_counter() - t0
+            self.steps.append((*shape, host, t0 - self._last_finish, *self._phases.values()))
             self._last_shape = shape
             return out
 
@@ -97,11 +105,26 @@ class _Recorder:
             before = compiled_variants()
             t0 = time.perf_counter()
             out = forward(input_ids, positions, attn)
-            if (took := time.perf_counter() - t0) > self.slow_s:
+            took = time.perf_counter() - t0
+            self._phases["forward"] += took
+            if took > self.slow_s:
                 self.slow.append(_slow_forward(took, input_ids, attn, before))
             return out
 
         runner._launch, runner._finish, runner._forward = timed_launch, timed_finish, timed_forward
+        for name in PHASES:
+            if name != "forward":
+                setattr(runner, f"_{name}", self._timed(name, getattr(runner, f"_{name}")))
+
+    def _timed(self, name: str, method: Any) -> Any:
+        def timed(*args: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return method(*args)
+            finally:
+                self._phases[name] += time.perf_counter() - t0
+
+        return timed
 
     def _on_gc(self, phase: str, info: dict) -> None:
         if phase == "start":
@@ -111,7 +134,7 @@ class _Recorder:
 
     def close(self) -> dict[str, Any]:
         gc.callbacks.remove(self._on_gc)
-        for name in ("_launch", "_finish", "_forward"):
+        for name in ("_launch", "_finish", *(f"_{p}" for p in PHASES)):
             delattr(self.runner, name)
         return {
             "steps": len(self.steps),
@@ -138,13 +161,15 @@ def _slow_forward(took: float, input_ids: Any, attn: Any, before: dict[str, int]
 
 
 def _bins(steps: list, waits: list) -> list[dict[str, Any]]:
-    """Mean host, wait and idle microseconds per (prefill or not, batch-size bin)."""
+    """Mean host (and its phases), wait and idle microseconds per (prefill or not,
+    batch-size bin)."""
+    names = ("host", "idle", *PHASES)
     groups: dict[tuple[bool, int], dict[str, list[float]]] = defaultdict(
-        lambda: {"host": [], "idle": [], "wait": []}
+        lambda: {k: [] for k in (*names, "wait")}
     )
-    for seqs, prefill, host, idle in steps:
-        groups[prefill, _bound(seqs)]["host"].append(host)
-        groups[prefill, _bound(seqs)]["idle"].append(idle)
+    for seqs, prefill, *times in steps:
+        for name, t in zip(names, times, strict=True):
+            groups[prefill, _bound(seqs)][name].append(t)
     for seqs, prefill, wait in waits:
         groups[prefill, _bound(seqs)]["wait"].append(wait)
     rows: list[dict[str, Any]] = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 
-from bench.stalls import StepStalls, run
+from bench.stalls import PHASES, StepStalls, run
 from tests.helpers.tiny_models import make_tiny_model
 
 
@@ -26,6 +26,9 @@ def test_each_run_reports_every_step_binned_and_the_collector(tmp_path) -> None:
         assert sum(b["steps"] for b in bins) == steps
         assert {(b["prefill"], b["max_seqs"]) for b in bins} == {(False, 16), (True, 16)}
         assert all(b["host_us"] > 0 and b["idle_us"] >= 0 for b in bins)
+        for b in bins:  # the phases are parts of the host time
+            parts = [b[f"{p}_us"] for p in PHASES]
+            assert all(t > 0 for t in parts) and sum(parts) <= b["host_us"] + len(PHASES)
         # slow_ms=0: every forward is reported; they ran the 17 prompt tokens and one
         # token per decode of each request (25 sampled, 4 of them by the prefills)
         forwards = worker["slow_forwards"]
@@ -40,6 +43,9 @@ def test_stopping_restores_the_runner_and_the_collector() -> None:
         def _launch(self, step): ...
         def _finish(self, launched): ...
         def _forward(self, ids, pos, attn): ...
+        def _apply_step(self, step): ...
+        def _prepare_inputs(self, batch): ...
+        def _sample(self, launched, hidden): ...
 
     ext = StepStalls()
     ext.runner = Runner()  # type: ignore[attr-defined]
