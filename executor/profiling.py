@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import msgspec
 import torch
 
 from executor.config import EngineConfig
 from executor.forward_context import ForwardContext
+from executor.messages import SamplingOptions
+from executor.sampler import Sampler, SamplerOutput, SamplingBatch
 from executor.warmup import dummy_forward
 from kernels.dispatch import use_triton
 from kernels.sampling import sample_tokens_triton
@@ -24,6 +27,7 @@ def _profile_forward(runner, config: EngineConfig) -> None:
     if model.pp.is_last:  # [n, hidden]
         logits = model.compute_logits(hidden[: config.scheduler.max_num_seqs])
         _warm_sampler(logits)
+        run_widest_sampler(logits, config.model.max_logprobs)
 
 
 def _warm_sampler(logits: torch.Tensor) -> None:
@@ -34,6 +38,27 @@ def _warm_sampler(logits: torch.Tensor) -> None:
         inv_temperature = torch.ones(rows, dtype=torch.float32, device=logits.device)
         out = torch.empty(rows, dtype=torch.int64, device=logits.device)
         sample_tokens_triton(logits, inv_temperature, 0, out)
+
+
+# Every option that adds [S, V] temporaries to a step: a copy for the processors,
+# penalty masks, a full sort for top-p without top-k, min-p, the noise, logprobs.
+WIDEST_OPTIONS = SamplingOptions(
+    temperature=0.7, top_p=0.9, min_p=0.05, repetition_penalty=1.1, frequency_penalty=0.1
+)
+
+
+def run_widest_sampler(logits: torch.Tensor, max_logprobs: int) -> SamplerOutput:
+    """The general sampler on every row of `logits` with WIDEST_OPTIONS (and the most
+    logprobs a request may ask), so that its temporaries count in the profiled peak: at
+    1024 rows of a 128,256-token vocabulary each [S, V] float32 tensor is 0.5 GiB."""
+    rows, vocab = logits.shape
+    return Sampler()(logits, widest_batch(rows, vocab, max_logprobs, logits.device))
+
+
+def widest_batch(rows: int, vocab: int, max_logprobs: int, device: torch.device) -> SamplingBatch:
+    options = [msgspec.structs.replace(WIDEST_OPTIONS, logprobs=max_logprobs or None)] * rows
+    no_ids: list[list[int]] = [[]] * rows
+    return SamplingBatch.build(options, no_ids, no_ids, {}, vocab, device)
 
 
 def available_kv_bytes(runner, config: EngineConfig) -> int:
