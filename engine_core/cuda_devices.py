@@ -15,11 +15,13 @@ import ctypes
 import functools
 import importlib.util
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 _UNKNOWN = "unknown"
 _NAME_LEN = 96  # NVML_DEVICE_NAME_V2_BUFFER_SIZE
+T = TypeVar("T")
 
 
 class DeviceInfo(NamedTuple):
@@ -90,18 +92,12 @@ def visible_count(visible: str, physical: int) -> int:
 
 @functools.cache  # asked up to three times by one resolve_config; GPUs stay put
 def _nvml_device_count() -> int | None:
-    try:
-        nvml = ctypes.CDLL("libnvidia-ml.so.1")
-        if nvml.nvmlInit_v2() != 0:
-            return None
-        try:
-            count = ctypes.c_uint(0)
-            ok = nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) == 0
-        finally:
-            nvml.nvmlShutdown()
-    except (OSError, AttributeError):
-        return None
-    return int(count.value) if ok else None
+    def count_devices(nvml: ctypes.CDLL) -> int | None:
+        count = ctypes.c_uint(0)
+        ok = nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) == 0
+        return int(count.value) if ok else None
+
+    return _ask_nvml(count_devices)
 
 
 @functools.cache
@@ -112,12 +108,18 @@ def first_device_info() -> DeviceInfo | None:
     if cuda_device_count() == 0:
         return None
     first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+    return _ask_nvml(lambda nvml: _device_info(nvml, first))
+
+
+def _ask_nvml(question: Callable[[ctypes.CDLL], T | None]) -> T | None:
+    """`question` answered by NVML between its init and shutdown; None where NVML is
+    missing or fails to start."""
     try:
         nvml = ctypes.CDLL("libnvidia-ml.so.1")
         if nvml.nvmlInit_v2() != 0:
             return None
         try:
-            return _device_info(nvml, first)
+            return question(nvml)
         finally:
             nvml.nvmlShutdown()
     except (OSError, AttributeError):
