@@ -370,8 +370,8 @@ RULES: dict[str, Rule] = {
     ),
     "gpu_memory_utilization": _works(
         "on CUDA the KV cache takes this fraction of the device's memory, less the weights "
-        "and the peak activations of a profiled forward; on the CPU the cache size comes "
-        "from TESSERA_CPU_KVCACHE_SPACE",
+        "and the peak of a profiled step (a forward at the token budget, then the widest "
+        "sampling); on the CPU the cache size comes from TESSERA_CPU_KVCACHE_SPACE",
         check=_fraction,
     ),
     "num_gpu_blocks_override": _works(check=_positive),

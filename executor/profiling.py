@@ -62,7 +62,7 @@ def widest_batch(rows: int, vocab: int, max_logprobs: int, device: torch.device)
 
 
 def available_kv_bytes(runner, config: EngineConfig) -> int:
-    """Bytes left for the KV cache: utilization x total - weights - peak activations."""
+    """Bytes left for the KV cache: utilization x total - weights - the profiled step's peak."""
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
