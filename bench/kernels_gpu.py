@@ -65,6 +65,7 @@ from kernels.norm import (
     rms_norm_ref,
     rms_norm_triton,
 )
+from kernels.qk_norm_rotary import qk_norm_rotary_ref, qk_norm_rotary_triton
 from kernels.rotary import rotary_embedding_ref, rotary_embedding_triton
 from kernels.sampling import gumbel_noise_ref, row_keys, sample_tokens_ref, sample_tokens_triton
 
@@ -555,6 +556,38 @@ def rotary_case(is_neox: bool, rot_dim: int, copy_gbps: float) -> None:
     )
 
 
+def qk_norm_rotary_case(tokens: int, copy_gbps: float) -> None:
+    """Qwen3-0.6B's heads (16 + 8 of 128): the fused kernel against its reference, and
+    its time against the unfused Triton path it replaced (two copies, two norms, rotary)."""
+    heads, kv_heads = 16, 8
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * HEAD_DIM, device=DEV).to(BF16)
+    q = qkv[:, : heads * HEAD_DIM]
+    k = qkv[:, heads * HEAD_DIM : (heads + kv_heads) * HEAD_DIM]
+    qw, kw = (torch.rand(HEAD_DIM, device=DEV) + 0.5).to(BF16), torch.rand(HEAD_DIM, device=DEV)
+    kw = (kw + 0.5).to(BF16)
+    positions = torch.randint(0, 8192, (tokens,), device=DEV)
+    cache, eps = cos_sin_cache(HEAD_DIM), 1e-6
+    q_ref, k_ref = q.double(), k.double()
+    qk_norm_rotary_ref(
+        positions, q_ref, k_ref, HEAD_DIM, cache.double(), qw.double(), kw.double(), eps
+    )
+    q_out, k_out = q.clone(), k.clone()
+    qk_norm_rotary_triton(positions, q_out, k_out, HEAD_DIM, cache, qw, kw, eps)
+    check(f"qk_norm_rotary T={tokens} q", q_out, q_ref)
+    check(f"qk_norm_rotary T={tokens} k", k_out, k_ref)
+
+    def unfused() -> None:
+        qn = rms_norm_triton(q.reshape(-1, HEAD_DIM), qw, eps).view(tokens, -1)
+        kn = rms_norm_triton(k.reshape(-1, HEAD_DIM), kw, eps).view(tokens, -1)
+        rotary_embedding_triton(positions, qn, kn, HEAD_DIM, cache, True)
+
+    shape = f"T={tokens} {heads}+{kv_heads}x128"
+    nbytes = 2 * tokens * (heads + kv_heads) * HEAD_DIM * 2 + tokens * (HEAD_DIM * 4 + 8)
+    fused = partial(qk_norm_rotary_triton, positions, q, k, HEAD_DIM, cache, qw, kw, eps)
+    record("qk_norm_rotary", shape, fused, nbytes, copy_gbps)
+    record("qk norms + rotary, unfused", shape, unfused, nbytes, copy_gbps)
+
+
 def silu_and_mul_case(tokens: int, copy_gbps: float) -> None:
     x = (torch.randn(tokens, 2 * INTERMEDIATE, device=DEV) * 3).to(BF16)
     check(f"silu_and_mul T={tokens}", silu_and_mul_triton(x), silu_and_mul_ref(x.double()))
@@ -623,6 +656,8 @@ def check_and_time_others(copy_gbps: float) -> None:
         norm_case(tokens, copy_gbps)
     for is_neox, rot_dim in ((True, 128), (False, 128), (True, 64)):
         rotary_case(is_neox, rot_dim, copy_gbps)
+    for tokens in (256, 4096):
+        qk_norm_rotary_case(tokens, copy_gbps)
     for tokens in (256, 4096):
         silu_and_mul_case(tokens, copy_gbps)
     elementwise_case("gelu", gelu_triton, gelu_ref, copy_gbps)

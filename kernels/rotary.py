@@ -145,18 +145,14 @@ def _heads_view(name: str, x: torch.Tensor, num_tokens: int, head_size: int) -> 
     return x.view(num_tokens, x.shape[1] // head_size, head_size)
 
 
-def rotary_embedding_triton(
-    positions: torch.Tensor,  # [T] int64
-    query: torch.Tensor,  # [T, Hq * D] or [T, Hq, D]
-    key: torch.Tensor,  # [T, Hk * D] or [T, Hk, D]
+def check_rotary_args(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
     head_size: int,
-    cos_sin_cache: torch.Tensor,  # [max_pos, rot_dim] float32
-    is_neox: bool,
-) -> None:
-    """Triton `rotary_embedding_ref`, in place on query and key (the last dim
-    contiguous; tokens and heads may be strided, as in views of a fused qkv output).
-    Positions must lie inside the cache (not checked on the device). Raises ValueError
-    on bad shapes, strides or dtypes."""
+    cos_sin_cache: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The launch checks rotary kernels share; query and key as [T, H, D] views."""
     check_dim("positions", positions, (1,))
     check_dtype("positions", positions, (torch.int32, torch.int64))
     require(positions.is_contiguous(), "positions must be contiguous")
@@ -172,6 +168,23 @@ def rotary_embedding_triton(
     q = _heads_view("query", query, num_tokens, head_size)  # [T, Hq, D]
     k = _heads_view("key", key, num_tokens, head_size)  # [T, Hk, D]
     check_same_device(positions=positions, query=query, key=key, cos_sin_cache=cos_sin_cache)
+    return q, k
+
+
+def rotary_embedding_triton(
+    positions: torch.Tensor,  # [T] int64
+    query: torch.Tensor,  # [T, Hq * D] or [T, Hq, D]
+    key: torch.Tensor,  # [T, Hk * D] or [T, Hk, D]
+    head_size: int,
+    cos_sin_cache: torch.Tensor,  # [max_pos, rot_dim] float32
+    is_neox: bool,
+) -> None:
+    """Triton `rotary_embedding_ref`, in place on query and key (the last dim
+    contiguous; tokens and heads may be strided, as in views of a fused qkv output).
+    Positions must lie inside the cache (not checked on the device). Raises ValueError
+    on bad shapes, strides or dtypes."""
+    q, k = check_rotary_args(positions, query, key, head_size, cos_sin_cache)
+    num_tokens, rot_dim = positions.shape[0], cos_sin_cache.shape[1]
     if num_tokens == 0:
         return
     half = rot_dim // 2

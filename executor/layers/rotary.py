@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from executor.layers.norm import RMSNorm
+from kernels.qk_norm_rotary import qk_norm_rotary
 from kernels.rotary import rotary_embedding
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
@@ -154,6 +156,23 @@ class RotaryEmbedding(nn.Module):
         """positions [T], q [T, H*D], k [T, Hk*D]; rotated in place and returned."""
         rotary_embedding(positions, q, k, self.head_size, self.cos_sin_cache, self.is_neox)
         return q, k
+
+    def rotate_normed(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        q_norm: RMSNorm,
+        k_norm: RMSNorm,
+    ) -> None:
+        """RMSNorm every q and k head (Qwen3's q_norm / k_norm, RMSNorm modules of
+        head_size), then rotate it: in place, one kernel."""
+        if not self.is_neox:
+            raise ValueError("per-head q/k norms are fused with the neox rotary layout only")
+        qk_norm_rotary(
+            positions, q, k, self.head_size, self.cos_sin_cache, q_norm.weight, k_norm.weight,
+            q_norm.eps,
+        )  # fmt: skip
 
 
 def rope_settings(hf_config: dict[str, Any]) -> tuple[float, dict[str, Any] | None, float]:

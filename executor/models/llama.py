@@ -119,17 +119,14 @@ class LlamaAttention(nn.Module):
             sliding_window=sliding_window,
         )
 
-    def _norm_heads(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
-        t = x.shape[0]
-        return norm(x.reshape(-1, self.head_dim)).view(t, -1)  # type: ignore[union-attr]
-
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)  # [T, (H + 2 Hk) D]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.q_norm is not None and self.k_norm is not None:
-            q = self._norm_heads(q, self.q_norm)  # [T, H D]
-            k = self._norm_heads(k, self.k_norm)  # [T, Hk D]
-        q, k = self.rotary_emb(positions, q, k)
+            # q, k: [T, H D], [T, Hk D]; normed per head and rotated in place, one launch
+            self.rotary_emb.rotate_normed(positions, q, k, self.q_norm, self.k_norm)
+        else:
+            q, k = self.rotary_emb(positions, q, k)
         return self.o_proj(self.attn(q, k, v))  # [T, hidden]
 
 
