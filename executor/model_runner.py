@@ -418,7 +418,7 @@ class ModelRunner:
         if not batch.sample_rows:
             return
         idx = self._to_device(np.array(batch.logits_index, dtype=np.int64))
-        logits = self.model.compute_logits(hidden[idx])  # [S, V] float32
+        logits = self.model.compute_logits(hidden[idx])  # [S, V], the model dtype
         states = [batch.states[i] for i in batch.sample_rows]
         sbatch = SamplingBatch.build(
             [s.sampling for s in states],

@@ -96,10 +96,14 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.weight = embedding.weight
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[S, E] hidden states -> [S, vocab] float32 logits."""
+        """[S, E] hidden states -> [S, vocab] logits in the model's dtype.
+
+        No float32 copy here: the fused sampler reads bf16 logits and widens them in
+        registers, and the general sampler and logprobs make their own float32 copy.
+        """
         logits = F.linear(hidden, self.weight, self.bias)  # [S, V_r]
         logits = self.tp.all_gather(logits, dim=-1)  # [S, V_r * tp]
-        return logits[:, : self.num_embeddings].float()
+        return logits[:, : self.num_embeddings]
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("ParallelLMHead is applied with compute_logits(), not called")

@@ -189,7 +189,7 @@ def test_dummy_bfloat16_forward_stays_finite(llama_dir: Path) -> None:
     ids = torch.arange(1, 200)
     with torch.no_grad(), forward_context(ForwardContext(attn=None, kv_caches=[])):
         logits = model.compute_logits(model(ids, ids - 1))  # [T, V]
-    assert logits.dtype == torch.float32
+    assert logits.dtype == torch.bfloat16  # the samplers widen it themselves
     assert bool(torch.isfinite(logits).all())
 
 
