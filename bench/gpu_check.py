@@ -4,8 +4,8 @@
         [--sections tiny,smollm2,bf16,latency,server]
 
 Sections:
-- tiny: tiny random models of every architecture, float32: greedy tokens equal
-  transformers on the same GPU, with CUDA graphs and with --enforce-eager.
+- tiny: tiny random models of every architecture (--archs picks some), float32: greedy
+  tokens equal transformers on the same GPU, with CUDA graphs and with --enforce-eager.
 - blocks: --block-size 8, 32, 64, 128 on tiny llama and qwen3, float32, greedy tokens
   equal transformers (with CUDA graphs).
 - cascade: prompts behind a cached shared prefix (cascade attention in their decode
@@ -96,11 +96,14 @@ def first_divergence(a: list[list[int]], b: list[list[int]]) -> str:
     return "identical"
 
 
+TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "opt", "gpt2")
+
+
 def section_tiny(args) -> None:
     from tests.helpers.tiny_models import make_tiny_model
 
     tmp = Path(tempfile.mkdtemp())
-    for arch in ["llama", "mistral", "qwen2", "qwen3", "opt", "gpt2"]:
+    for arch in args.archs.split(","):
         path = make_tiny_model(tmp / arch, arch)
         ps = prompts(4, seed=1)
         want = hf_greedy_cuda(path, ps, 16)
@@ -359,6 +362,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--smollm2", default=None)
     parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument("--archs", default=",".join(TINY_ARCHS), help="the tiny section's models")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     for name in args.sections.split(","):
