@@ -561,18 +561,25 @@ def _check_attention_args(
     )
 
 
-def _tile_config(rows: int, group: int, block_d: int, block_size: int) -> tuple[int, int, int, int]:
+def _tile_config(
+    rows: int, group: int, block_d: int, block_size: int, cache_bytes: int = 2
+) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for tiles of `rows` live rows at most.
 
     Picked from H100 timings (bench/kernels_gpu.py). Decode tiles: 16 rows (tl.dot's
     least), 64 keys a step, 2 warps and 3 stages, which keeps more loads in flight per
-    byte (FP8 caches gain most: 354 -> 253 us at 64 x 4096 tokens). Longer queries:
+    byte (FP8 caches gain most: 354 -> 253 us at 64 x 4096 tokens); with two query heads
+    a KV head on a 16-bit cache, 128 keys a step on 4 warps, 4 stages. Longer queries:
     128 x 128 tiles on 8 warps (324 TFLOP/s on a causal 4096 prefill), 64-row tiles for
     shorter queries and for head sizes over 128, whose accumulator would not fit 128 rows
     in registers. A step never reads part of a cache block when blocks are up to 128 long.
     """
     small_d = block_d <= 128
-    if rows <= 16:
+    if rows <= 16 and group == 2 and small_d and cache_bytes == 2:
+        # two query heads a KV head (Qwen3): longer key steps on more warps won at 256
+        # decodes of 200-2048 keys (429.5 against 449.8 us, bench/attn_tune.py)
+        block_m, block_n, num_warps, num_stages = 16, 128, 4, 4
+    elif rows <= 16:
         block_m, block_n, num_warps, num_stages = 16, 64 if small_d else 32, 2, 3
     elif rows <= 64 or not small_d:
         block_m, block_n, num_warps, num_stages = 64, 64 if small_d else 32, 4, 3 if small_d else 2
@@ -635,8 +642,9 @@ def _launch(
     group = next_pow2(num_heads // num_kv_heads)
     block_d = max(16, next_pow2(head_dim))
     partials = _split_partials(
-        q, max_seq_len, num_splits, group, block_d, block_size, prefix_splits
-    )
+        q, max_seq_len, num_splits, group, block_d, block_size, prefix_splits,
+        k_cache.element_size(),
+    )  # fmt: skip
     if prefix_splits:
         assert prefix_len is not None
         _launch_shared_prefix(
@@ -644,7 +652,9 @@ def _launch(
             v_scale, group, block_d, prefix_splits,
         )  # fmt: skip
     for min_q, max_q, rows in query_launches(max_query_len, group):
-        block_m, block_n, num_warps, num_stages = _tile_config(rows, group, block_d, block_size)
+        block_m, block_n, num_warps, num_stages = _tile_config(
+            rows, group, block_d, block_size, k_cache.element_size()
+        )
         tiles_per_seq = cdiv(max_q, block_m // group)
         grid = (num_seqs * tiles_per_seq, num_kv_heads, partials.num_splits)
         _paged_attention_kernel[grid](
@@ -740,11 +750,12 @@ def _split_partials(
     block_d: int,
     block_size: int,
     prefix_splits: int = 0,
+    cache_bytes: int = 2,
 ) -> _SplitPartials:
     if num_splits <= 1 and not prefix_splits:
         return _SplitPartials(1, 1, q, q, q)  # placeholders, never touched
     if num_splits > 1:
-        _, block_n, _, _ = _tile_config(group, group, block_d, block_size)
+        _, block_n, _, _ = _tile_config(group, group, block_d, block_size, cache_bytes)
         # Whole BLOCK_N steps per partition of the longest context; rounding up may leave
         # fewer partitions. (The kernel cuts each sequence's own context into as many.)
         partition_size = cdiv(cdiv(max_seq_len, num_splits), block_n) * block_n

@@ -9,6 +9,7 @@ import torch
 
 import kernels.attention
 from kernels.attention import (
+    _tile_config,
     choose_num_splits,
     choose_prefix_splits,
     paged_attention,
@@ -154,6 +155,19 @@ def test_split_kv_decode(
     ref = reference(b, 0.125, sliding_window=sliding_window)
     out = run_triton(b, 0.125, sliding_window=sliding_window, num_splits=num_splits)
     assert_close(out, ref, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_two_heads_per_kv_head_bf16_decode_tile(num_splits: int) -> None:
+    # Qwen3's layout takes its own decode tile (128 keys a step on 4 warps); contexts
+    # below, at and across a step's end, and one that is all masked steps.
+    assert _tile_config(2, 2, 64, 16, 2)[1:] == (128, 4, 4)
+    assert _tile_config(2, 2, 64, 16, 1)[1:] == (64, 2, 3)  # not for FP8 caches
+    torch.manual_seed(16)
+    seq_lens = [1, 127, 128, 129, 300]
+    b = make_attention_batch([1] * 5, seq_lens, 4, 2, 64, 16, torch.bfloat16)
+    out = run_triton(b, 0.125, num_splits=num_splits)
+    assert_close(out, reference(b, 0.125), TOLERANCE[torch.bfloat16])
 
 
 def test_split_kv_decode_under_a_graph_bound() -> None:
