@@ -325,6 +325,12 @@ def check_attention() -> None:
         ),
         ("prefill 4096", make_batch([4096], [4096]), {}, ["public"]),
         (
+            "qwen3 heads 16/8: decode b=256 ctx=200..2048",
+            make_batch([1] * 256, torch.randint(200, 2049, (256,)).tolist(), heads=16),
+            {},
+            ["public", "one-pass", "4"],
+        ),
+        (
             "fp8 e4m3 cache, decode b=16 ctx=2048",
             make_batch([1] * 16, [2048] * 16, cache_dtype=FP8),
             {"k_scale": 0.5, "v_scale": 1.5},
