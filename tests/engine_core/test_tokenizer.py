@@ -96,6 +96,61 @@ def test_gguf_file_can_be_named_three_ways(smollm2_path: Path, smollm2: Tokenize
         assert tokenizer.backend_tokenizer.to_str() == smollm2.backend.to_str()
 
 
+def write_plain_fast_folder(folder: Path, gpt2_folder: Path, **config: object) -> Path:
+    """tokenizer.json + a tokenizer_config.json naming PreTrainedTokenizerFast (as
+    Llama 3's does), saved from the GPT-2 folder."""
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(gpt2_folder)).save_pretrained(str(folder))
+    path = folder / "tokenizer_config.json"
+    saved = json.loads(path.read_text())
+    saved.update(tokenizer_class="PreTrainedTokenizerFast", chat_template="{{ messages }}")
+    saved.update(config)
+    path.write_text(json.dumps(saved))
+    return folder
+
+
+def test_plain_fast_class_skips_auto_tokenizer_and_loads_the_same(
+    gpt2_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import AutoTokenizer
+
+    folder = write_plain_fast_folder(tmp_path / "plain", gpt2_folder, bos_token="<|endoftext|>")
+    want = AutoTokenizer.from_pretrained(str(folder))
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("AutoTokenizer was used")
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", refuse)
+    got = load_tokenizer(folder)
+    assert type(got) is type(want) and len(got) == len(want)
+    assert got.all_special_ids == want.all_special_ids and got.bos_token_id == want.bos_token_id
+    assert got.chat_template == want.chat_template
+    for text in TEXTS:
+        assert got(text).input_ids == want(text).input_ids
+
+
+@pytest.mark.parametrize(
+    "config", [{"tokenizer_class": "GPT2Tokenizer"}, {"auto_map": {"AutoTokenizer": ["x", "y"]}}]
+)
+def test_other_classes_and_custom_code_go_through_auto_tokenizer(
+    gpt2_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: dict
+) -> None:
+    from transformers import AutoTokenizer
+
+    folder = write_plain_fast_folder(tmp_path / "other", gpt2_folder, **config)
+    calls = []
+
+    def record(*args: object, **kwargs: object) -> None:
+        calls.append(args)
+        raise OSError("recorded")
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", record)
+    with pytest.raises(TokenizerLoadError):
+        load_tokenizer(folder)
+    assert len(calls) == 1
+
+
 def test_empty_folder_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(TokenizerLoadError, match=f"cannot load a tokenizer from {tmp_path}"):
         load_tokenizer(str(tmp_path))
