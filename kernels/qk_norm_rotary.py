@@ -25,7 +25,7 @@ from kernels.dispatch import (
     use_triton,
 )
 from kernels.norm import rms_norm_ref
-from kernels.rotary import check_rotary_args, rotary_embedding_ref
+from kernels.rotary import check_rotary_args, head_blocks, rotary_embedding_ref, token_cos_sin
 
 
 def qk_norm_rotary_ref(
@@ -118,13 +118,7 @@ def _qk_norm_rotary_kernel(
 ):
     # One token per program, as kernels.rotary: its cos/sin row is read once.
     token = tl.program_id(0).to(tl.int64)
-    pos = tl.load(positions_ptr + token).to(tl.int64)
-    r = tl.arange(0, BLOCK_R)
-    r_ok = r < HALF
-    cos = tl.load(cos_sin_ptr + pos * stride_cache + r, mask=r_ok, other=0.0).to(tl.float32)
-    sin = tl.load(cos_sin_ptr + pos * stride_cache + HALF + r, mask=r_ok, other=0.0).to(tl.float32)
-    cos = cos[None, :]
-    sin = sin[None, :]
+    cos, sin = token_cos_sin(positions_ptr, cos_sin_ptr, stride_cache, token, HALF, BLOCK_R)
     _norm_rotate_heads(
         q_ptr + token * stride_qt, stride_qh, q_weight_ptr, eps, cos, sin,
         NUM_Q_HEADS, HEAD_SIZE, HALF, BLOCK_HQ, BLOCK_R, BLOCK_T, INTERPRET,
@@ -163,12 +157,8 @@ def qk_norm_rotary_triton(
     num_tokens, rot_dim = positions.shape[0], cos_sin_cache.shape[1]
     if num_tokens == 0:
         return
-    half = rot_dim // 2
-    block_r = next_pow2(half)
-    tail = head_size - rot_dim
-    # Heads per step: about 2K elements of each half in flight.
-    block_hq = min(next_pow2(q.shape[1]), max(1, 2048 // block_r))
-    block_hk = min(next_pow2(k.shape[1]), max(1, 2048 // block_r))
+    half, tail = rot_dim // 2, head_size - rot_dim
+    block_r, block_hq, block_hk = head_blocks(q.shape[1], k.shape[1], half)
     _qk_norm_rotary_kernel[(num_tokens,)](
         positions, q, k, cos_sin_cache, q_weight, k_weight, eps,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),

@@ -88,6 +88,26 @@ def _rotate_heads(
 
 
 @triton.jit
+def token_cos_sin(
+    positions_ptr, cos_sin_ptr, stride_cache, token, HALF: tl.constexpr, BLOCK_R: tl.constexpr
+):
+    """The [1, R] float32 cos and sin rows of the token's position."""
+    row = cos_sin_ptr + tl.load(positions_ptr + token).to(tl.int64) * stride_cache
+    r = tl.arange(0, BLOCK_R)
+    r_ok = r < HALF
+    cos = tl.load(row + r, mask=r_ok, other=0.0).to(tl.float32)
+    sin = tl.load(row + HALF + r, mask=r_ok, other=0.0).to(tl.float32)
+    return cos[None, :], sin[None, :]
+
+
+def head_blocks(num_q_heads: int, num_k_heads: int, half: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_HQ, BLOCK_HK): heads per step, about 2K elements of each half."""
+    block_r = next_pow2(half)
+    per_step = max(1, 2048 // block_r)
+    return block_r, min(next_pow2(num_q_heads), per_step), min(next_pow2(num_k_heads), per_step)
+
+
+@triton.jit
 def _rotary_kernel(
     positions_ptr,
     q_ptr,
@@ -109,13 +129,7 @@ def _rotary_kernel(
 ):
     # One token per program: read its cos/sin row once, rotate all q and k heads.
     token = tl.program_id(0).to(tl.int64)
-    pos = tl.load(positions_ptr + token).to(tl.int64)
-    r = tl.arange(0, BLOCK_R)
-    r_ok = r < HALF
-    cos = tl.load(cos_sin_ptr + pos * stride_cache + r, mask=r_ok, other=0.0).to(tl.float32)
-    sin = tl.load(cos_sin_ptr + pos * stride_cache + HALF + r, mask=r_ok, other=0.0).to(tl.float32)
-    cos = cos[None, :]
-    sin = sin[None, :]
+    cos, sin = token_cos_sin(positions_ptr, cos_sin_ptr, stride_cache, token, HALF, BLOCK_R)
     _rotate_heads(
         q_ptr + token * stride_qt, stride_qh, cos, sin,
         NUM_Q_HEADS, HALF, BLOCK_HQ, BLOCK_R, IS_NEOX, INTERPRET,
@@ -188,10 +202,7 @@ def rotary_embedding_triton(
     if num_tokens == 0:
         return
     half = rot_dim // 2
-    block_r = next_pow2(half)
-    # Heads per step: about 2K elements of each half in flight.
-    block_hq = min(next_pow2(q.shape[1]), max(1, 2048 // block_r))
-    block_hk = min(next_pow2(k.shape[1]), max(1, 2048 // block_r))
+    block_r, block_hq, block_hk = head_blocks(q.shape[1], k.shape[1], half)
     _rotary_kernel[(num_tokens,)](
         positions, q, k, cos_sin_cache,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
