@@ -569,8 +569,7 @@ def qk_norm_rotary_case(tokens: int, copy_gbps: float) -> None:
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * HEAD_DIM, device=DEV).to(BF16)
     q = qkv[:, : heads * HEAD_DIM]
     k = qkv[:, heads * HEAD_DIM : (heads + kv_heads) * HEAD_DIM]
-    qw, kw = (torch.rand(HEAD_DIM, device=DEV) + 0.5).to(BF16), torch.rand(HEAD_DIM, device=DEV)
-    kw = (kw + 0.5).to(BF16)
+    qw, kw = ((torch.rand(HEAD_DIM, device=DEV) + 0.5).to(BF16) for _ in range(2))
     positions = torch.randint(0, 8192, (tokens,), device=DEV)
     cache, eps = cos_sin_cache(HEAD_DIM), 1e-6
     q_ref, k_ref = q.double(), k.double()
