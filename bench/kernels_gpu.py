@@ -68,6 +68,7 @@ from kernels.norm import (
 from kernels.qk_norm_rotary import qk_norm_rotary_ref, qk_norm_rotary_triton
 from kernels.rotary import rotary_embedding_ref, rotary_embedding_triton
 from kernels.sampling import gumbel_noise_ref, row_keys, sample_tokens_ref, sample_tokens_triton
+from kernels.skinny_gemm import skinny_linear_ref, skinny_linear_triton
 
 DEV = "cuda"
 BF16 = torch.bfloat16
@@ -652,6 +653,16 @@ def sampling_case(rows: int, vocab: int, copy_gbps: float) -> None:
     record("sampling unfused", shape, lambda: sampler(logits, batch), nbytes, copy_gbps)
 
 
+def skinny_gemm_case(rows: int, n: int, k: int, copy_gbps: float) -> None:
+    """The decode-sized linear layer against cuBLAS (F.linear) on the same operands."""
+    x = torch.randn(rows, k, device=DEV).to(BF16)
+    w = (torch.randn(n, k, device=DEV) / k**0.5).to(BF16)
+    check(f"skinny_linear {rows}x{k} @ {n}x{k}", skinny_linear_triton(x, w),
+          skinny_linear_ref(x.double(), w.double()))  # fmt: skip
+    record("skinny_linear", f"M={rows} N={n} K={k} bf16", lambda: skinny_linear_triton(x, w),
+           w.numel() * w.element_size(), copy_gbps, ref_fn=lambda: skinny_linear_ref(x, w))  # fmt: skip
+
+
 def check_and_time_others(copy_gbps: float) -> None:
     print("write_kv, norms, rotary, activations", flush=True)
     for tokens in (256, 4096):
@@ -665,6 +676,8 @@ def check_and_time_others(copy_gbps: float) -> None:
         qk_norm_rotary_case(tokens, copy_gbps)
     for tokens in (256, 4096):
         silu_and_mul_case(tokens, copy_gbps)
+    for rows, n, k in ((1, 6144, HIDDEN), (8, 28672, HIDDEN), (16, HIDDEN, INTERMEDIATE)):
+        skinny_gemm_case(rows, n, k, copy_gbps)
     elementwise_case("gelu", gelu_triton, gelu_ref, copy_gbps)
     elementwise_case("gelu_new", gelu_new_triton, gelu_new_ref, copy_gbps)
     elementwise_case("relu", relu_triton, relu_ref, copy_gbps)

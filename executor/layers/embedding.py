@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from executor.layers.linear import TPGroup, get_tp_group, set_weight_loader
+from kernels.skinny_gemm import linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -101,7 +102,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         No float32 copy here: the fused sampler reads bf16 logits and widens them in
         registers, and the general sampler and logprobs make their own float32 copy.
         """
-        logits = F.linear(hidden, self.weight, self.bias)  # [S, V_r]
+        logits = linear(hidden, self.weight, self.bias)  # [S, V_r]
         logits = self.tp.all_gather(logits, dim=-1)  # [S, V_r * tp]
         return logits[:, : self.num_embeddings]
 

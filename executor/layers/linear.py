@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from executor.layers.graph_breaks import eager_under_compile
 from executor.layers.heads import HeadLayout, head_layout
+from kernels.skinny_gemm import linear
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ class LinearBase(nn.Module):
         default_weight_loader(param, loaded_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -165,7 +165,7 @@ class ColumnParallelLinear(LinearBase):
         _copy_narrowed(param.data, loaded_weight.narrow(0, self.tp.rank * rows, rows))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)  # [T, out / tp]
+        y = linear(x, self.weight, self.bias)  # [T, out / tp]
         return self.tp.all_gather(y) if self.gather_output else y
 
 
@@ -297,7 +297,7 @@ class RowParallelLinear(LinearBase):
         _copy_narrowed(param.data, loaded_weight.narrow(1, self.tp.rank * cols, cols))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)  # [T, out], a partial sum when tp > 1
+        y = linear(x, self.weight)  # [T, out], a partial sum when tp > 1
         if self.reduce_results:
             y = self.tp.all_reduce(y)
         # Without the reduction the caller sums partial outputs: only rank 0 adds the bias.
