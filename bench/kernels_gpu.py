@@ -653,17 +653,14 @@ def sampling_case(rows: int, vocab: int, copy_gbps: float) -> None:
     record("sampling unfused", shape, lambda: sampler(logits, batch), nbytes, copy_gbps)
 
 
-def skinny_gemm_case(rows: int, n: int, k: int, copy_gbps: float, gated: bool = False) -> None:
-    """The decode-sized linear layer against cuBLAS (F.linear, after silu_and_mul when
-    gated) on the same operands."""
-    x = torch.randn(rows, 2 * k if gated else k, device=DEV).to(BF16)
+def skinny_gemm_case(rows: int, n: int, k: int, copy_gbps: float) -> None:
+    """The decode-sized linear layer against cuBLAS (F.linear) on the same operands."""
+    x = torch.randn(rows, k, device=DEV).to(BF16)
     w = (torch.randn(n, k, device=DEV) / k**0.5).to(BF16)
-    name = f"skinny_linear{' gated' if gated else ''}"
-    check(f"{name} {rows}x{x.shape[1]} @ {n}x{k}", skinny_linear_triton(x, w, gated=gated),
-          skinny_linear_ref(x.double(), w.double(), gated=gated))  # fmt: skip
-    record(name, f"M={rows} N={n} K={k} bf16", lambda: skinny_linear_triton(x, w, gated=gated),
-           w.numel() * w.element_size(), copy_gbps,
-           ref_fn=lambda: skinny_linear_ref(x, w, gated=gated))  # fmt: skip
+    check(f"skinny_linear {rows}x{k} @ {n}x{k}", skinny_linear_triton(x, w),
+          skinny_linear_ref(x.double(), w.double()))  # fmt: skip
+    record("skinny_linear", f"M={rows} N={n} K={k} bf16", lambda: skinny_linear_triton(x, w),
+           w.numel() * w.element_size(), copy_gbps, ref_fn=lambda: skinny_linear_ref(x, w))  # fmt: skip
 
 
 def check_and_time_others(copy_gbps: float) -> None:
@@ -681,7 +678,6 @@ def check_and_time_others(copy_gbps: float) -> None:
         silu_and_mul_case(tokens, copy_gbps)
     for rows, n, k in ((1, 6144, HIDDEN), (8, 28672, HIDDEN), (16, HIDDEN, INTERMEDIATE)):
         skinny_gemm_case(rows, n, k, copy_gbps)
-    skinny_gemm_case(8, HIDDEN, INTERMEDIATE, copy_gbps, gated=True)
     elementwise_case("gelu", gelu_triton, gelu_ref, copy_gbps)
     elementwise_case("gelu_new", gelu_new_triton, gelu_new_ref, copy_gbps)
     elementwise_case("relu", relu_triton, relu_ref, copy_gbps)

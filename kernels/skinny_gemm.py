@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.activation import silu_and_mul, silu_and_mul_ref
 from kernels.dispatch import (
     FLOAT_DTYPES,
     cast_to,
@@ -38,12 +37,9 @@ SKINNY_MAX_ROWS = 16  # rows of x a program holds: tl.dot's least M
 
 
 def skinny_linear_ref(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    # x: [M, K] (gated: [M, 2K], gate | up, multiplied as silu(gate) * up), weight: [N, K],
-    # bias: [N] -> [M, N]
-    if gated:
-        x = silu_and_mul_ref(x)
+    # x: [M, K], weight: [N, K], bias: [N] -> [M, N]
     return F.linear(x, weight, bias)
 
 
@@ -60,7 +56,6 @@ def _skinny_gemm_kernel(
     stride_w,
     stride_y,
     HAS_BIAS: tl.constexpr,
-    GATED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -82,17 +77,12 @@ def _skinny_gemm_kernel(
     for k in range(0, K, BLOCK_K):
         kk = k + rk
         if EVEN_K:
-            x_ok = m_ok[:, None]
+            x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None], other=0.0)  # [BM, BK]
             w = tl.load(w_rows + kk[None, :])  # [BN, BK]
         else:
-            x_ok = m_ok[:, None] & (kk < K)[None, :]
-            w = tl.load(w_rows + kk[None, :], mask=(kk < K)[None, :], other=0.0)
-        x = tl.load(x_rows + kk[None, :], mask=x_ok, other=0.0)  # [BM, BK]
-        if GATED:  # x is the gate; the up half follows it: silu_and_mul's roundings
-            up = tl.load(x_rows + K + kk[None, :], mask=x_ok, other=0.0)
-            g = x.to(tl.float32)
-            act = cast_to(g * tl.sigmoid(g), x.dtype, INTERPRET).to(tl.float32)
-            x = cast_to(act * up.to(tl.float32), x.dtype, INTERPRET)
+            k_ok = kk < K
+            x = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_rows + kk[None, :], mask=k_ok[None, :], other=0.0)
         acc += dot(x, tl.trans(w), PRECISION, INTERPRET)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -100,19 +90,18 @@ def _skinny_gemm_kernel(
     tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _check_args(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool
-) -> None:
+def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     check_dim("x", x, (2,))
     check_dim("weight", weight, (2,))
     check_dtype("x", x, FLOAT_DTYPES)
     require(weight.dtype == x.dtype, lambda: f"weight is {weight.dtype}, x is {x.dtype}")
     check_inner_contiguous("x", x)
     check_inner_contiguous("weight", weight)
-    features = weight.shape[1] * (2 if gated else 1)  # gated: gate | up
     require(
-        x.shape[1] == features,
-        lambda: f"x has {x.shape[1]} features, weight {tuple(weight.shape)} expects {features}",
+        x.shape[1] == weight.shape[1],
+        lambda: (
+            f"x has {x.shape[1]} features, weight {tuple(weight.shape)} expects {weight.shape[1]}"
+        ),
     )
     require(
         x.shape[0] <= SKINNY_MAX_ROWS,
@@ -140,15 +129,14 @@ def _tiles(n: int, k: int) -> tuple[int, int]:
 
 
 def skinny_linear_triton(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Triton `skinny_linear_ref` for x of at most SKINNY_MAX_ROWS rows: [M, K] x [N, K]
-    -> [M, N] in x's dtype, float32 sums. gated: x is [M, 2K] (gate | up) and silu(gate)
-    * up is made as it is read (the MLP's down projection: no silu_and_mul launch).
-    Rows of x may be strided. Raises ValueError on bad shapes, strides or dtypes."""
-    _check_args(x, weight, bias, gated)
-    rows = x.shape[0]
-    n, k = weight.shape
+    -> [M, N] in x's dtype, float32 sums. Rows of x may be strided. Raises ValueError on
+    bad shapes, strides or dtypes."""
+    _check_args(x, weight, bias)
+    rows, k = x.shape
+    n = weight.shape[0]
     y = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     if rows == 0 or n == 0:
         return y
@@ -156,7 +144,7 @@ def skinny_linear_triton(
     _skinny_gemm_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, y, rows, n, k,
         x.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, GATED=gated, BLOCK_M=SKINNY_MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
+        HAS_BIAS=bias is not None, BLOCK_M=SKINNY_MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
         EVEN_K=k % block_k == 0, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         INTERPRET=interpreting(), num_warps=4, num_stages=4,
     )  # fmt: skip
@@ -178,15 +166,12 @@ def takes_skinny(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False
-) -> torch.Tensor:
-    """F.linear (of silu_and_mul(x) when gated), through the skinny Triton GEMM for
-    decode-sized batches on CUDA.
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, through the skinny Triton GEMM for decode-sized batches on CUDA.
 
     float32 takes it too (exact float32 products, no TF32), so that the float32
     checks against transformers cover it.
     """
     if takes_skinny(x, weight):
-        return skinny_linear_triton(x, weight, bias, gated)
-    return F.linear(silu_and_mul(x) if gated else x, weight, bias)
+        return skinny_linear_triton(x, weight, bias)
+    return F.linear(x, weight, bias)

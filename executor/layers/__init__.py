@@ -1,6 +1,6 @@
 """Shared model layers: TP-sharded linears and embeddings, attention, rotary, norms."""
 
-from executor.layers.activation import get_act_fn
+from executor.layers.activation import SiluAndMul, get_act_fn
 from executor.layers.attention import Attention
 from executor.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from executor.layers.heads import HeadLayout, head_layout
@@ -32,6 +32,7 @@ __all__ = [
     "ReplicatedLinear",
     "RotaryEmbedding",
     "RowParallelLinear",
+    "SiluAndMul",
     "TPGroup",
     "VocabParallelEmbedding",
     "default_weight_loader",

@@ -7,7 +7,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from kernels.activation import gelu, gelu_new, relu
+from kernels.activation import gelu, gelu_new, relu, silu_and_mul
+
+
+class SiluAndMul(nn.Module):
+    """[T, 2 * I] (gate | up) -> silu(gate) * up, [T, I]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return silu_and_mul(x)
 
 
 class Activation(nn.Module):

@@ -296,10 +296,8 @@ class RowParallelLinear(LinearBase):
         cols = param.shape[1]
         _copy_narrowed(param.data, loaded_weight.narrow(1, self.tp.rank * cols, cols))
 
-    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
-        """x [T, in / tp], or gated [T, 2 * in / tp] (gate | up) to multiply silu(gate) * up
-        (fused into the matmul where kernels.skinny_gemm takes it) -> [T, out]."""
-        y = linear(x, self.weight, gated=gated)  # [T, out], a partial sum when tp > 1
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = linear(x, self.weight)  # [T, out], a partial sum when tp > 1
         if self.reduce_results:
             y = self.tp.all_reduce(y)
         # Without the reduction the caller sums partial outputs: only rank 0 adds the bias.

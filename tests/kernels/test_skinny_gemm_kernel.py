@@ -16,42 +16,32 @@ from tests.kernels.kernel_helpers import TOLERANCE, assert_close
 
 
 def _operands(
-    rows: int, n: int, k: int, dtype: torch.dtype, bias: bool, strided: bool, gated: bool = False
+    rows: int, n: int, k: int, dtype: torch.dtype, bias: bool, strided: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    width = 2 * k if gated else k  # gated: gate | up
-    x = (torch.randn(rows, width) * 2).to(dtype)
+    x = torch.randn(rows, k).to(dtype)
     if strided:  # rows of a wider buffer
-        x = (torch.randn(rows, width + 7) * 2).to(dtype)[:, 3 : 3 + width]
+        x = torch.randn(rows, k + 7).to(dtype)[:, 3 : 3 + k]
     w = (torch.randn(n, k) / k**0.5).to(dtype)
     b = torch.randn(n).to(dtype) if bias else None
     return x, w, b
 
 
 @pytest.mark.parametrize(
-    ("seed", "rows", "n", "k", "dtype", "bias", "strided", "gated"),
+    ("seed", "rows", "n", "k", "dtype", "bias", "strided"),
     [
-        (1, 1, 96, 512, torch.float32, False, False, False),  # whole K steps and column blocks
-        (2, 5, 70, 300, torch.bfloat16, True, True, False),  # a ragged K step and column block
-        (3, SKINNY_MAX_ROWS, 64, 40, torch.float16, True, False, False),  # K under one step
-        (4, 3, 48, 300, torch.float32, False, True, True),  # silu(gate) * up, a ragged K step
-        (5, 8, 32, 256, torch.bfloat16, False, False, True),
+        (1, 1, 96, 512, torch.float32, False, False),  # whole K steps, whole column blocks
+        (2, 5, 70, 300, torch.bfloat16, True, True),  # a ragged K step and column block
+        (3, SKINNY_MAX_ROWS, 64, 40, torch.float16, True, False),  # every row; K under a step
     ],
 )
 def test_skinny_linear(
-    seed: int,
-    rows: int,
-    n: int,
-    k: int,
-    dtype: torch.dtype,
-    bias: bool,
-    strided: bool,
-    gated: bool,
+    seed: int, rows: int, n: int, k: int, dtype: torch.dtype, bias: bool, strided: bool
 ) -> None:
     torch.manual_seed(seed)
-    x, w, b = _operands(rows, n, k, dtype, bias, strided, gated)
-    out = skinny_linear_triton(x, w, b, gated)
+    x, w, b = _operands(rows, n, k, dtype, bias, strided)
+    out = skinny_linear_triton(x, w, b)
     assert out.dtype == dtype
-    ref = skinny_linear_ref(x.double(), w.double(), b.double() if b is not None else None, gated)
+    ref = skinny_linear_ref(x.double(), w.double(), b.double() if b is not None else None)
     assert_close(out, ref, TOLERANCE[dtype])
 
 
@@ -60,20 +50,16 @@ def test_skinny_linear(
     [
         (torch.randn(17, 8), torch.randn(4, 8), None, "at most 16"),
         (torch.randn(2, 8), torch.randn(4, 9), None, "features"),
-        (torch.randn(2, 8), torch.randn(4, 8), "gated", "expects 16"),
         (torch.randn(2, 8), torch.randn(4, 8).half(), None, "weight is torch.float16"),
         (torch.randn(2, 8), torch.randn(4, 8), torch.randn(5), "bias has 5"),
         (torch.randn(2, 8), torch.randn(8, 4).t(), None, "weight"),
     ],
 )
 def test_skinny_linear_refuses(
-    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | str | None, match: str
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, match: str
 ) -> None:
     with pytest.raises(ValueError, match=match):
-        if b == "gated":
-            skinny_linear_triton(x, w, gated=True)
-        else:
-            skinny_linear_triton(x, w, b if isinstance(b, torch.Tensor) else None)
+        skinny_linear_triton(x, w, b)
 
 
 def test_linear_takes_the_kernel_for_few_rows_only(monkeypatch: pytest.MonkeyPatch) -> None:
