@@ -30,7 +30,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -58,7 +58,7 @@ from kernels.attention import (
     paged_attention_triton,
 )
 from kernels.dispatch import num_sms
-from kernels.kv_write import write_kv_ref, write_kv_triton
+from kernels.kv_write import CacheWrite, write_kv_ref, write_kv_triton
 from kernels.norm import (
     fused_add_rms_norm_ref,
     fused_add_rms_norm_triton,
@@ -594,6 +594,45 @@ def qk_norm_rotary_case(tokens: int, copy_gbps: float) -> None:
     record("qk norms + rotary, unfused", shape, unfused, nbytes, copy_gbps)
 
 
+def rotary_cache_write_case(tokens: int, cache_dtype: torch.dtype, copy_gbps: float) -> None:
+    """The 8B shape's rotary with the cache write (CacheWrite) against rotary then
+    write_kv, the two launches it replaces: the same bits, and both times."""
+    qkv = torch.randn(tokens, (HEADS + 2 * KV_HEADS) * HEAD_DIM, device=DEV).to(BF16)
+    q, k, v = qkv.split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], dim=-1)
+    positions = torch.randint(0, 8192, (tokens,), device=DEV)
+    cos_sin = cos_sin_cache(HEAD_DIM)
+    blocks = tokens // BLOCK + 8
+    slots = torch.randperm(blocks * BLOCK, device=DEV)[:tokens]
+    caches = [torch.zeros(2, blocks, BLOCK, KV_HEADS, HEAD_DIM, device=DEV).to(cache_dtype)
+              for _ in range(2)]  # fmt: skip
+    kv = CacheWrite(v.view(-1, KV_HEADS, HEAD_DIM), caches[0][0], caches[0][1], slots, 0.5, 0.25)
+    qkv_fused, qkv_apart = qkv.clone(), qkv.clone()
+
+    def fused(x: torch.Tensor = qkv) -> None:
+        qx, kx, vx = x.split(q.shape[1:] + k.shape[1:] + v.shape[1:], dim=-1)
+        rotary_embedding_triton(positions, qx, kx, HEAD_DIM, cos_sin, True,
+                                replace(kv, value=vx.view(-1, KV_HEADS, HEAD_DIM)))  # fmt: skip
+
+    def apart(x: torch.Tensor = qkv) -> None:
+        qx, kx, vx = x.split(q.shape[1:] + k.shape[1:] + v.shape[1:], dim=-1)
+        rotary_embedding_triton(positions, qx, kx, HEAD_DIM, cos_sin, True)
+        write_kv_triton(kx.view(-1, KV_HEADS, HEAD_DIM), vx.view(-1, KV_HEADS, HEAD_DIM),
+                        caches[1][0], caches[1][1], slots, 0.5, 0.25)  # fmt: skip
+
+    fused(qkv_fused)
+    apart(qkv_apart)
+    same = torch.equal(caches[0].view(torch.uint8), caches[1].view(torch.uint8)) and torch.equal(
+        qkv_fused, qkv_apart
+    )
+    name = f"rotary + cache write T={tokens} {str(cache_dtype).split('.')[-1]}"
+    CHECKS.append(Check(name, 0.0 if same else 1.0, 1e-9, same))
+    print(f"  {'ok ' if same else 'BAD'} {name:58s} {'same bits' if same else 'differs'}")
+    nbytes = 2 * tokens * (HEADS + KV_HEADS) * HEAD_DIM * 2 + 2 * tokens * KV_HEADS * HEAD_DIM * 4
+    shape = f"T={tokens} {HEADS}+{KV_HEADS}x128 {str(cache_dtype).split('.')[-1]} cache"
+    record("rotary + cache write", shape, fused, nbytes, copy_gbps)
+    record("rotary, write_kv apart", shape, apart, nbytes, copy_gbps)
+
+
 def silu_and_mul_case(tokens: int, copy_gbps: float) -> None:
     x = (torch.randn(tokens, 2 * INTERMEDIATE, device=DEV) * 3).to(BF16)
     check(f"silu_and_mul T={tokens}", silu_and_mul_triton(x), silu_and_mul_ref(x.double()))
@@ -674,6 +713,8 @@ def check_and_time_others(copy_gbps: float) -> None:
         rotary_case(is_neox, rot_dim, copy_gbps)
     for tokens in (256, 4096):
         qk_norm_rotary_case(tokens, copy_gbps)
+    for tokens, cache_dtype in ((1, BF16), (256, BF16), (256, FP8)):
+        rotary_cache_write_case(tokens, cache_dtype, copy_gbps)
     for tokens in (256, 4096):
         silu_and_mul_case(tokens, copy_gbps)
     for rows, n, k in ((1, 6144, HIDDEN), (8, 28672, HIDDEN), (16, HIDDEN, INTERMEDIATE)):

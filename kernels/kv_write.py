@@ -7,6 +7,9 @@ For an FP8 cache the values are divided by the per-tensor scale before the cast.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 from kernels.dispatch import (
@@ -48,6 +51,46 @@ def write_kv_ref(
 
 
 @triton.jit
+def store_token_kv(
+    k_row,  # this token's first key head
+    v_row,
+    stride_kh,
+    stride_vh,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot,  # int64, >= 0
+    k_scale,
+    v_scale,
+    stride_kcb,
+    stride_kct,
+    stride_kch,
+    stride_vcb,
+    stride_vct,
+    stride_vch,
+    h,  # [H] heads
+    d,  # [D] dims
+    mask,  # [H, D]
+    BLOCK_SIZE: tl.constexpr,
+    FP8: tl.constexpr,
+    FP8_MAX: tl.constexpr,  # saturation bound of the FP8 cache type (0.0 otherwise)
+    INTERPRET: tl.constexpr,
+):
+    """Copy heads `h` of one token's key and value rows into its cache slot."""
+    block = slot // BLOCK_SIZE
+    offset = slot % BLOCK_SIZE
+    k = tl.load(k_row + h[:, None] * stride_kh + d[None, :], mask=mask)
+    v = tl.load(v_row + h[:, None] * stride_vh + d[None, :], mask=mask)
+    if FP8:
+        # Exact division, as the reference does, before the one rounding to FP8.
+        k = tl.clamp(tl.math.div_rn(k.to(tl.float32), k_scale), -FP8_MAX, FP8_MAX)
+        v = tl.clamp(tl.math.div_rn(v.to(tl.float32), v_scale), -FP8_MAX, FP8_MAX)
+    k_dst = block * stride_kcb + offset * stride_kct + h[:, None] * stride_kch + d[None, :]
+    v_dst = block * stride_vcb + offset * stride_vct + h[:, None] * stride_vch + d[None, :]
+    tl.store(k_cache_ptr + k_dst, cast_to(k, k_cache_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    tl.store(v_cache_ptr + v_dst, cast_to(v, v_cache_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+@triton.jit
 def _write_kv_kernel(
     key_ptr,
     value_ptr,
@@ -72,7 +115,7 @@ def _write_kv_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
     FP8: tl.constexpr,
-    FP8_MAX: tl.constexpr,  # saturation bound of the FP8 cache type (0.0 otherwise)
+    FP8_MAX: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     # One program copies BLOCK_H heads of one token's key and value rows into its slot.
@@ -80,23 +123,112 @@ def _write_kv_kernel(
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot < 0:
         return
-    block = slot // BLOCK_SIZE
-    offset = slot % BLOCK_SIZE
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
     mask = (h < NUM_KV_HEADS)[:, None] & (d < HEAD_DIM)[None, :]
     src_t = token.to(tl.int64)
+    store_token_kv(
+        key_ptr + src_t * stride_kt, value_ptr + src_t * stride_vt, stride_kh, stride_vh,
+        k_cache_ptr, v_cache_ptr, slot, k_scale, v_scale,
+        stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
+        h, d, mask, BLOCK_SIZE, FP8, FP8_MAX, INTERPRET,
+    )  # fmt: skip
 
-    k = tl.load(key_ptr + src_t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
-    v = tl.load(value_ptr + src_t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
-    if FP8:
-        # Exact division, as the reference does, before the one rounding to FP8.
-        k = tl.clamp(tl.math.div_rn(k.to(tl.float32), k_scale), -FP8_MAX, FP8_MAX)
-        v = tl.clamp(tl.math.div_rn(v.to(tl.float32), v_scale), -FP8_MAX, FP8_MAX)
-    k_dst = block * stride_kcb + offset * stride_kct + h[:, None] * stride_kch + d[None, :]
-    v_dst = block * stride_vcb + offset * stride_vct + h[:, None] * stride_vch + d[None, :]
-    tl.store(k_cache_ptr + k_dst, cast_to(k, k_cache_ptr.dtype.element_ty, INTERPRET), mask=mask)
-    tl.store(v_cache_ptr + v_dst, cast_to(v, v_cache_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+@triton.jit
+def write_rotated_kv(
+    token,  # int64
+    k_row,  # this token's first key head, just written by this program
+    stride_kh,
+    value_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_mapping_ptr,
+    k_scale,
+    v_scale,
+    stride_vt,
+    stride_vh,
+    stride_kcb,
+    stride_kct,
+    stride_kch,
+    stride_vcb,
+    stride_vct,
+    stride_vch,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_HKV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    FP8: tl.constexpr,
+    FP8_MAX: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """The tail of a rotary kernel's program (see CacheWrite): store the token's keys,
+    which its threads have just rotated in place, and its values into its cache slot."""
+    tl.debug_barrier()  # the rotated keys, stored by every thread, are visible to all
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot >= 0:
+        h = tl.arange(0, BLOCK_HKV)
+        d = tl.arange(0, BLOCK_D)
+        mask = (h < NUM_KV_HEADS)[:, None] & (d < HEAD_DIM)[None, :]
+        store_token_kv(
+            k_row, value_ptr + token * stride_vt, stride_kh, stride_vh,
+            k_cache_ptr, v_cache_ptr, slot, k_scale, v_scale,
+            stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
+            h, d, mask, BLOCK_SIZE, FP8, FP8_MAX, INTERPRET,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CacheWrite:
+    """The cache write a kernel that makes the keys does as it finishes them.
+
+    The rotary kernels take one (`kv=`) and store each token's rotated keys and its
+    values into its slot, as `write_kv` would after them: one launch a layer fewer.
+    """
+
+    value: torch.Tensor  # [T, Hk, D]
+    k_cache: torch.Tensor  # [N, B, Hk, D]
+    v_cache: torch.Tensor  # [N, B, Hk, D]
+    slot_mapping: torch.Tensor  # [T]
+    k_scale: float = 1.0
+    v_scale: float = 1.0
+
+    def write_ref(self, key: torch.Tensor) -> None:
+        """`write_kv_ref` of key ([T, Hk, D] views) and the values."""
+        write_kv_ref(
+            key, self.value, self.k_cache, self.v_cache, self.slot_mapping, self.k_scale,
+            self.v_scale,
+        )  # fmt: skip
+
+    def kernel_args(self, key: torch.Tensor) -> tuple[Any, ...]:
+        """write_rotated_kv's arguments after k_row and stride_kh, checked against key."""
+        _check_write_kv_args(key, self.value, self.k_cache, self.v_cache, self.slot_mapping)
+        kc, vc, v = self.k_cache, self.v_cache, self.value
+        return (
+            v, kc, vc, self.slot_mapping, self.k_scale, self.v_scale, v.stride(0), v.stride(1),
+            kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
+        )  # fmt: skip
+
+    def kernel_meta(self) -> dict[str, Any]:
+        fp8 = self.k_cache.dtype in FP8_DTYPES
+        fp8_max = float(torch.finfo(self.k_cache.dtype).max) if fp8 else 0.0
+        hk, d = self.k_cache.shape[2:]
+        return {
+            "WRITE_KV": True, "BLOCK_HKV": next_pow2(hk), "BLOCK_D": next_pow2(d),
+            "BLOCK_SIZE": self.k_cache.shape[1], "FP8": fp8, "FP8_MAX": fp8_max,
+        }  # fmt: skip
+
+
+def no_cache_write_args(key: torch.Tensor) -> tuple[Any, ...]:
+    """Placeholders for CacheWrite.kernel_args when a rotary kernel writes no cache."""
+    return (key, key, key, key, 1.0, 1.0) + (0,) * 8
+
+
+NO_CACHE_WRITE_META = {
+    "WRITE_KV": False, "BLOCK_HKV": 1, "BLOCK_D": 1, "BLOCK_SIZE": 1, "FP8": False,
+    "FP8_MAX": 0.0,
+}  # fmt: skip
 
 
 def _check_write_kv_args(

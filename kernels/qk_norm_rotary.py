@@ -24,6 +24,7 @@ from kernels.dispatch import (
     triton,
     use_triton,
 )
+from kernels.kv_write import NO_CACHE_WRITE_META, CacheWrite, no_cache_write_args, write_rotated_kv
 from kernels.norm import rms_norm_ref
 from kernels.rotary import check_rotary_args, head_blocks, rotary_embedding_ref, token_cos_sin
 
@@ -37,11 +38,12 @@ def qk_norm_rotary_ref(
     q_weight: torch.Tensor,  # [D]
     k_weight: torch.Tensor,  # [D]
     eps: float,
+    kv: CacheWrite | None = None,  # then write the keys and the values to the cache
 ) -> None:
     for x, weight in ((query, q_weight), (key, k_weight)):
         heads = x.view(x.shape[0], -1, head_size)  # [T, H, D], sharing storage
         heads.copy_(rms_norm_ref(heads, weight, eps))
-    rotary_embedding_ref(positions, query, key, head_size, cos_sin_cache, is_neox=True)
+    rotary_embedding_ref(positions, query, key, head_size, cos_sin_cache, True, kv)
 
 
 @triton.jit
@@ -106,6 +108,20 @@ def _qk_norm_rotary_kernel(
     stride_kt,
     stride_kh,
     stride_cache,
+    value_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_mapping_ptr,
+    k_scale,
+    v_scale,
+    stride_vt,
+    stride_vh,
+    stride_kcb,
+    stride_kct,
+    stride_kch,
+    stride_vcb,
+    stride_vct,
+    stride_vch,
     NUM_Q_HEADS: tl.constexpr,
     NUM_K_HEADS: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
@@ -114,6 +130,12 @@ def _qk_norm_rotary_kernel(
     BLOCK_HK: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    WRITE_KV: tl.constexpr,  # then also store the keys and values in the cache (CacheWrite)
+    BLOCK_HKV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    FP8: tl.constexpr,
+    FP8_MAX: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     # One token per program, as kernels.rotary: its cos/sin row is read once.
@@ -127,6 +149,13 @@ def _qk_norm_rotary_kernel(
         k_ptr + token * stride_kt, stride_kh, k_weight_ptr, eps, cos, sin,
         NUM_K_HEADS, HEAD_SIZE, HALF, BLOCK_HK, BLOCK_R, BLOCK_T, INTERPRET,
     )  # fmt: skip
+    if WRITE_KV:
+        write_rotated_kv(
+            token, k_ptr + token * stride_kt, stride_kh, value_ptr, k_cache_ptr, v_cache_ptr,
+            slot_mapping_ptr, k_scale, v_scale, stride_vt, stride_vh,
+            stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
+            NUM_K_HEADS, HEAD_SIZE, BLOCK_HKV, BLOCK_D, BLOCK_SIZE, FP8, FP8_MAX, INTERPRET,
+        )  # fmt: skip
 
 
 def _check_weight(name: str, w: torch.Tensor, head_size: int) -> None:
@@ -147,10 +176,12 @@ def qk_norm_rotary_triton(
     q_weight: torch.Tensor,
     k_weight: torch.Tensor,
     eps: float,
+    kv: CacheWrite | None = None,
 ) -> None:
     """Triton `qk_norm_rotary_ref`, in place (strides as kernels.rotary takes them).
     Raises ValueError on bad shapes, strides or dtypes."""
     q, k = check_rotary_args(positions, query, key, head_size, cos_sin_cache)
+    kv_args = kv.kernel_args(k) if kv is not None else no_cache_write_args(k)
     _check_weight("q_weight", q_weight, head_size)
     _check_weight("k_weight", k_weight, head_size)
     check_same_device(query=query, q_weight=q_weight, k_weight=k_weight)
@@ -161,10 +192,12 @@ def qk_norm_rotary_triton(
     block_r, block_hq, block_hk = head_blocks(q.shape[1], k.shape[1], half)
     _qk_norm_rotary_kernel[(num_tokens,)](
         positions, q, k, cos_sin_cache, q_weight, k_weight, eps,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0), *kv_args,
         NUM_Q_HEADS=q.shape[1], NUM_K_HEADS=k.shape[1], HEAD_SIZE=head_size, HALF=half,
         BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_R=block_r,
-        BLOCK_T=next_pow2(tail) if tail else 0, INTERPRET=interpreting(), num_warps=4,
+        BLOCK_T=next_pow2(tail) if tail else 0,
+        **(kv.kernel_meta() if kv is not None else NO_CACHE_WRITE_META),
+        INTERPRET=interpreting(), num_warps=4,
     )  # fmt: skip
 
 
@@ -177,8 +210,10 @@ def qk_norm_rotary(
     q_weight: torch.Tensor,
     k_weight: torch.Tensor,
     eps: float,
+    kv: CacheWrite | None = None,
 ) -> None:
-    """Normalize every q and k head, then rotate it (neox), in place. Triton on CUDA,
-    `qk_norm_rotary_ref` elsewhere (see kernels.dispatch)."""
+    """Normalize every q and k head, then rotate it (neox), in place; with kv, then
+    store the keys and values in the cache. Triton on CUDA, `qk_norm_rotary_ref`
+    elsewhere (see kernels.dispatch)."""
     fn = qk_norm_rotary_triton if use_triton(query) else qk_norm_rotary_ref
-    fn(positions, query, key, head_size, cos_sin_cache, q_weight, k_weight, eps)
+    fn(positions, query, key, head_size, cos_sin_cache, q_weight, k_weight, eps, kv)

@@ -23,6 +23,7 @@ from kernels.dispatch import (
     triton,
     use_triton,
 )
+from kernels.kv_write import NO_CACHE_WRITE_META, CacheWrite, no_cache_write_args, write_rotated_kv
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
@@ -41,6 +42,7 @@ def rotary_embedding_ref(
     head_size: int,
     cos_sin_cache: torch.Tensor,  # [max_pos, rot_dim] float32
     is_neox: bool,
+    kv: CacheWrite | None = None,  # then write the rotated keys and the values to the cache
 ) -> None:
     rot_dim = cos_sin_cache.shape[-1]
     cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)
@@ -49,6 +51,8 @@ def rotary_embedding_ref(
         v = x.view(x.shape[0], -1, head_size)
         rot = v[..., :rot_dim].float()
         v[..., :rot_dim] = _rotate(rot, cos, sin, is_neox).to(x.dtype)
+    if kv is not None:
+        kv.write_ref(key.view(key.shape[0], -1, head_size))
 
 
 @triton.jit
@@ -118,13 +122,34 @@ def _rotary_kernel(
     stride_kt,
     stride_kh,
     stride_cache,
+    value_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_mapping_ptr,
+    k_scale,
+    v_scale,
+    stride_vt,
+    stride_vh,
+    stride_kcb,
+    stride_kct,
+    stride_kch,
+    stride_vcb,
+    stride_vct,
+    stride_vch,
     NUM_Q_HEADS: tl.constexpr,
     NUM_K_HEADS: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
     HALF: tl.constexpr,
     BLOCK_HQ: tl.constexpr,
     BLOCK_HK: tl.constexpr,
     BLOCK_R: tl.constexpr,
     IS_NEOX: tl.constexpr,
+    WRITE_KV: tl.constexpr,  # then also store the keys and values in the cache (CacheWrite)
+    BLOCK_HKV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    FP8: tl.constexpr,
+    FP8_MAX: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     # One token per program: read its cos/sin row once, rotate all q and k heads.
@@ -138,6 +163,13 @@ def _rotary_kernel(
         k_ptr + token * stride_kt, stride_kh, cos, sin,
         NUM_K_HEADS, HALF, BLOCK_HK, BLOCK_R, IS_NEOX, INTERPRET,
     )  # fmt: skip
+    if WRITE_KV:
+        write_rotated_kv(
+            token, k_ptr + token * stride_kt, stride_kh, value_ptr, k_cache_ptr, v_cache_ptr,
+            slot_mapping_ptr, k_scale, v_scale, stride_vt, stride_vh,
+            stride_kcb, stride_kct, stride_kch, stride_vcb, stride_vct, stride_vch,
+            NUM_K_HEADS, HEAD_SIZE, BLOCK_HKV, BLOCK_D, BLOCK_SIZE, FP8, FP8_MAX, INTERPRET,
+        )  # fmt: skip
 
 
 def _heads_view(name: str, x: torch.Tensor, num_tokens: int, head_size: int) -> torch.Tensor:
@@ -192,12 +224,14 @@ def rotary_embedding_triton(
     head_size: int,
     cos_sin_cache: torch.Tensor,  # [max_pos, rot_dim] float32
     is_neox: bool,
+    kv: CacheWrite | None = None,
 ) -> None:
     """Triton `rotary_embedding_ref`, in place on query and key (the last dim
     contiguous; tokens and heads may be strided, as in views of a fused qkv output).
     Positions must lie inside the cache (not checked on the device). Raises ValueError
     on bad shapes, strides or dtypes."""
     q, k = check_rotary_args(positions, query, key, head_size, cos_sin_cache)
+    kv_args = kv.kernel_args(k) if kv is not None else no_cache_write_args(k)
     num_tokens, rot_dim = positions.shape[0], cos_sin_cache.shape[1]
     if num_tokens == 0:
         return
@@ -205,9 +239,10 @@ def rotary_embedding_triton(
     block_r, block_hq, block_hk = head_blocks(q.shape[1], k.shape[1], half)
     _rotary_kernel[(num_tokens,)](
         positions, q, k, cos_sin_cache,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
-        NUM_Q_HEADS=q.shape[1], NUM_K_HEADS=k.shape[1], HALF=half,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0), *kv_args,
+        NUM_Q_HEADS=q.shape[1], NUM_K_HEADS=k.shape[1], HEAD_SIZE=head_size, HALF=half,
         BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_R=block_r, IS_NEOX=is_neox,
+        **(kv.kernel_meta() if kv is not None else NO_CACHE_WRITE_META),
         INTERPRET=interpreting(), num_warps=4,
     )  # fmt: skip
 
@@ -219,10 +254,10 @@ def rotary_embedding(
     head_size: int,
     cos_sin_cache: torch.Tensor,
     is_neox: bool,
+    kv: CacheWrite | None = None,
 ) -> None:
-    """Rotate the first rot_dim dims of every q and k head in place, by position.
-    Triton on CUDA, `rotary_embedding_ref` elsewhere (see kernels.dispatch)."""
-    if use_triton(query):
-        rotary_embedding_triton(positions, query, key, head_size, cos_sin_cache, is_neox)
-    else:
-        rotary_embedding_ref(positions, query, key, head_size, cos_sin_cache, is_neox)
+    """Rotate the first rot_dim dims of every q and k head in place, by position; with
+    kv, then store the keys and values in the cache. Triton on CUDA,
+    `rotary_embedding_ref` elsewhere (see kernels.dispatch)."""
+    fn = rotary_embedding_triton if use_triton(query) else rotary_embedding_ref
+    fn(positions, query, key, head_size, cos_sin_cache, is_neox, kv)

@@ -13,7 +13,7 @@ from torch import nn
 from executor.forward_context import get_forward_context
 from executor.layers.graph_breaks import eager_under_compile
 from kernels.attention import paged_attention
-from kernels.kv_write import write_kv
+from kernels.kv_write import CacheWrite, write_kv
 
 KV_SCALE_HEADROOM = 2.0
 CAPPED_QUERY_BLOCK = 1024  # queries per block of the cache-less soft-capped attention
@@ -53,30 +53,56 @@ class Attention(nn.Module):
         self.v_scale = 1.0
         self.calculate_scales = False
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_written: bool = False
+    ) -> torch.Tensor:
+        """kv_written: the step's keys and values are in the cache already (the rotary
+        kernel stored them, through cache_write)."""
         q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, Hk, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)  # [T, Hk, D]
-        out = self._attend(q, k, v)
+        out = self._attend(q, k, v, kv_written)
         return out.view(-1, self.num_heads * self.head_dim)  # [T, H*D]
+
+    def cache_write(self, v: torch.Tensor) -> CacheWrite | None:
+        """This step's cache write for the kernel that makes the keys (the rotary one) to
+        do as it finishes them, saving write_kv's launch; v [T, Hk*D]. None where this
+        layer must write them itself: no paged cache (a profiling pass), FP8 scales
+        still to compute from this step, or under torch.compile (-O), whose traced
+        rotary cannot read the step's cache."""
+        if torch.compiler.is_compiling() or self.calculate_scales:
+            return None
+        ctx = get_forward_context()
+        if ctx.attn is None:
+            return None
+        cache = ctx.kv_caches[self.layer_idx]  # [2, N, B, Hk, D]
+        values = v.view(-1, self.num_kv_heads, self.head_dim)  # [T, Hk, D]
+        return CacheWrite(
+            values, cache[0], cache[1], ctx.attn.slot_mapping, self.k_scale, self.v_scale
+        )
 
     # Under torch.compile (-O) the model is compiled piecewise: attention is the break
     # between pieces. It reads the step's metadata from the forward context, which
     # changes every step; traced, it would recompile every step.
     @eager_under_compile
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_written: bool
+    ) -> torch.Tensor:
         if get_forward_context().attn is None:
             return self._attend_one_sequence(q, k, v)
-        return self._attend_paged(q, k, v)
+        return self._attend_paged(q, k, v, kv_written)
 
-    def _attend_paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _attend_paged(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_written: bool
+    ) -> torch.Tensor:
         ctx = get_forward_context()
         meta = ctx.attn
         assert meta is not None
         cache = ctx.kv_caches[self.layer_idx]  # [2, N, B, Hk, D]
-        if self.calculate_scales:
-            self._calculate_scales(k, v, cache.dtype)
-        write_kv(k, v, cache[0], cache[1], meta.slot_mapping, self.k_scale, self.v_scale)
+        if not kv_written:
+            if self.calculate_scales:
+                self._calculate_scales(k, v, cache.dtype)
+            write_kv(k, v, cache[0], cache[1], meta.slot_mapping, self.k_scale, self.v_scale)
         out = torch.empty_like(q)  # [T, H, D]
         paged_attention(
             q,

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from executor.layers.norm import RMSNorm
+from kernels.kv_write import CacheWrite
 from kernels.qk_norm_rotary import qk_norm_rotary
 from kernels.rotary import rotary_embedding
 
@@ -151,10 +152,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin_cache", build_cos_sin_cache(freqs, device), persistent=False)
 
     def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        kv: CacheWrite | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T], q [T, H*D], k [T, Hk*D]; rotated in place and returned."""
-        rotary_embedding(positions, q, k, self.head_size, self.cos_sin_cache, self.is_neox)
+        """positions [T], q [T, H*D], k [T, Hk*D]; rotated in place and returned. With kv
+        (Attention.cache_write), the keys and values then go into the cache too."""
+        rotary_embedding(positions, q, k, self.head_size, self.cos_sin_cache, self.is_neox, kv)
         return q, k
 
     def rotate_normed(
@@ -164,14 +170,16 @@ class RotaryEmbedding(nn.Module):
         k: torch.Tensor,
         q_norm: RMSNorm,
         k_norm: RMSNorm,
+        kv: CacheWrite | None = None,
     ) -> None:
         """RMSNorm every q and k head (Qwen3's q_norm / k_norm, RMSNorm modules of
-        head_size), then rotate it: in place, one kernel."""
+        head_size), then rotate it: in place, one kernel (which with kv also stores the
+        keys and values in the cache)."""
         if not self.is_neox:
             raise ValueError("per-head q/k norms are fused with the neox rotary layout only")
         qk_norm_rotary(
             positions, q, k, self.head_size, self.cos_sin_cache, q_norm.weight, k_norm.weight,
-            q_norm.eps,
+            q_norm.eps, kv,
         )  # fmt: skip
 
 

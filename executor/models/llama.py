@@ -122,12 +122,13 @@ class LlamaAttention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)  # [T, (H + 2 Hk) D]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        kv = self.attn.cache_write(v)  # the rotary kernel stores k and v in the cache
         if self.q_norm is not None and self.k_norm is not None:
             # q, k: [T, H D], [T, Hk D]; normed per head and rotated in place, one launch
-            self.rotary_emb.rotate_normed(positions, q, k, self.q_norm, self.k_norm)
+            self.rotary_emb.rotate_normed(positions, q, k, self.q_norm, self.k_norm, kv)
         else:
-            q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v))  # [T, hidden]
+            q, k = self.rotary_emb(positions, q, k, kv)
+        return self.o_proj(self.attn(q, k, v, kv_written=kv is not None))  # [T, hidden]
 
 
 class LlamaMLP(nn.Module):
