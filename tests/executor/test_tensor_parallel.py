@@ -77,11 +77,12 @@ def smollm2_tp1() -> list[list[int]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp", [2, 4])
-def test_smollm2_gguf_equals_tp1(tp, smollm2_tp1, monkeypatch):
-    # SmolLM2-135M: 9 query / 3 kv heads, padded to 12 / 4 at both TP sizes
+def test_smollm2_gguf_equals_tp1(smollm2_tp1, monkeypatch):
+    # SmolLM2-135M: 9 query / 3 kv heads, padded to 12 / 4 at TP 2 (and alike at TP 4,
+    # which test_padded_heads_equal_tp1 runs on tiny models: four SmolLM2 workers took
+    # 31 s of the 2-core suite)
     path = str(smollm2_gguf_path())
-    assert greedy(path, tp, SMOLLM2_PROMPTS, monkeypatch, 16, dtype="float32") == smollm2_tp1
+    assert greedy(path, 2, SMOLLM2_PROMPTS, monkeypatch, 16, dtype="float32") == smollm2_tp1
 
 
 def test_tp_refusals_name_the_argument(tmp_path):
