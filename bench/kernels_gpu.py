@@ -30,7 +30,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
 
@@ -598,23 +598,23 @@ def rotary_cache_write_case(tokens: int, cache_dtype: torch.dtype, copy_gbps: fl
     """The 8B shape's rotary with the cache write (CacheWrite) against rotary then
     write_kv, the two launches it replaces: the same bits, and both times."""
     qkv = torch.randn(tokens, (HEADS + 2 * KV_HEADS) * HEAD_DIM, device=DEV).to(BF16)
-    q, k, v = qkv.split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], dim=-1)
+    widths = [HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM]  # q | k | v
     positions = torch.randint(0, 8192, (tokens,), device=DEV)
     cos_sin = cos_sin_cache(HEAD_DIM)
     blocks = tokens // BLOCK + 8
     slots = torch.randperm(blocks * BLOCK, device=DEV)[:tokens]
     caches = [torch.zeros(2, blocks, BLOCK, KV_HEADS, HEAD_DIM, device=DEV).to(cache_dtype)
               for _ in range(2)]  # fmt: skip
-    kv = CacheWrite(v.view(-1, KV_HEADS, HEAD_DIM), caches[0][0], caches[0][1], slots, 0.5, 0.25)
     qkv_fused, qkv_apart = qkv.clone(), qkv.clone()
 
     def fused(x: torch.Tensor = qkv) -> None:
-        qx, kx, vx = x.split(q.shape[1:] + k.shape[1:] + v.shape[1:], dim=-1)
-        rotary_embedding_triton(positions, qx, kx, HEAD_DIM, cos_sin, True,
-                                replace(kv, value=vx.view(-1, KV_HEADS, HEAD_DIM)))  # fmt: skip
+        qx, kx, vx = x.split(widths, dim=-1)
+        kv = CacheWrite(vx.view(-1, KV_HEADS, HEAD_DIM), caches[0][0], caches[0][1], slots,
+                        0.5, 0.25)  # fmt: skip
+        rotary_embedding_triton(positions, qx, kx, HEAD_DIM, cos_sin, True, kv)
 
     def apart(x: torch.Tensor = qkv) -> None:
-        qx, kx, vx = x.split(q.shape[1:] + k.shape[1:] + v.shape[1:], dim=-1)
+        qx, kx, vx = x.split(widths, dim=-1)
         rotary_embedding_triton(positions, qx, kx, HEAD_DIM, cos_sin, True)
         write_kv_triton(kx.view(-1, KV_HEADS, HEAD_DIM), vx.view(-1, KV_HEADS, HEAD_DIM),
                         caches[1][0], caches[1][1], slots, 0.5, 0.25)  # fmt: skip

@@ -201,34 +201,38 @@ class CacheWrite:
             self.v_scale,
         )  # fmt: skip
 
-    def kernel_args(self, key: torch.Tensor) -> tuple[Any, ...]:
-        """write_rotated_kv's arguments after k_row and stride_kh, checked against key."""
-        _check_write_kv_args(key, self.value, self.k_cache, self.v_cache, self.slot_mapping)
-        kc, vc, v = self.k_cache, self.v_cache, self.value
-        return (
-            v, kc, vc, self.slot_mapping, self.k_scale, self.v_scale, v.stride(0), v.stride(1),
-            kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
-        )  # fmt: skip
 
-    def kernel_meta(self) -> dict[str, Any]:
-        fp8 = self.k_cache.dtype in FP8_DTYPES
-        fp8_max = float(torch.finfo(self.k_cache.dtype).max) if fp8 else 0.0
-        hk, d = self.k_cache.shape[2:]
-        return {
-            "WRITE_KV": True, "BLOCK_HKV": next_pow2(hk), "BLOCK_D": next_pow2(d),
-            "BLOCK_SIZE": self.k_cache.shape[1], "FP8": fp8, "FP8_MAX": fp8_max,
+def _fp8_bound(cache_dtype: torch.dtype) -> tuple[bool, float]:
+    """(FP8, FP8_MAX) of the write kernels: whether the cache is FP8, and its saturation."""
+    fp8 = cache_dtype in FP8_DTYPES
+    return fp8, float(torch.finfo(cache_dtype).max) if fp8 else 0.0
+
+
+def cache_write_launch(
+    kv: CacheWrite | None, key: torch.Tensor
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A rotary kernel's launch arguments for write_rotated_kv: the positional ones after
+    its own (checked against key, [T, Hk, D]), and the constexprs. Without kv,
+    placeholders and WRITE_KV=False."""
+    if kv is None:
+        meta: dict[str, Any] = {
+            "WRITE_KV": False, "BLOCK_HKV": 1, "BLOCK_D": 1, "BLOCK_SIZE": 1, "FP8": False,
+            "FP8_MAX": 0.0,
         }  # fmt: skip
-
-
-def no_cache_write_args(key: torch.Tensor) -> tuple[Any, ...]:
-    """Placeholders for CacheWrite.kernel_args when a rotary kernel writes no cache."""
-    return (key, key, key, key, 1.0, 1.0) + (0,) * 8
-
-
-NO_CACHE_WRITE_META = {
-    "WRITE_KV": False, "BLOCK_HKV": 1, "BLOCK_D": 1, "BLOCK_SIZE": 1, "FP8": False,
-    "FP8_MAX": 0.0,
-}  # fmt: skip
+        return (key, key, key, key, 1.0, 1.0) + (0,) * 8, meta
+    _check_write_kv_args(key, kv.value, kv.k_cache, kv.v_cache, kv.slot_mapping)
+    kc, vc, v = kv.k_cache, kv.v_cache, kv.value
+    args = (
+        v, kc, vc, kv.slot_mapping, kv.k_scale, kv.v_scale, v.stride(0), v.stride(1),
+        kc.stride(0), kc.stride(1), kc.stride(2), vc.stride(0), vc.stride(1), vc.stride(2),
+    )  # fmt: skip
+    fp8, fp8_max = _fp8_bound(kc.dtype)
+    hk, d = kc.shape[2:]
+    meta = {
+        "WRITE_KV": True, "BLOCK_HKV": next_pow2(hk), "BLOCK_D": next_pow2(d),
+        "BLOCK_SIZE": kc.shape[1], "FP8": fp8, "FP8_MAX": fp8_max,
+    }  # fmt: skip
+    return args, meta
 
 
 def _check_write_kv_args(
@@ -288,8 +292,7 @@ def write_kv_triton(
     # About 4K elements (8 KB of bf16) per program: whole tokens for common shapes.
     block_h = min(next_pow2(num_kv_heads), max(1, 4096 // block_d))
     grid = (num_tokens, -(-num_kv_heads // block_h))
-    fp8 = k_cache.dtype in FP8_DTYPES
-    fp8_max = float(torch.finfo(k_cache.dtype).max) if fp8 else 0.0
+    fp8, fp8_max = _fp8_bound(k_cache.dtype)
     _write_kv_kernel[grid](
         key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),

@@ -24,7 +24,7 @@ from kernels.dispatch import (
     triton,
     use_triton,
 )
-from kernels.kv_write import NO_CACHE_WRITE_META, CacheWrite, no_cache_write_args, write_rotated_kv
+from kernels.kv_write import CacheWrite, cache_write_launch, write_rotated_kv
 from kernels.norm import rms_norm_ref
 from kernels.rotary import check_rotary_args, head_blocks, rotary_embedding_ref, token_cos_sin
 
@@ -181,7 +181,7 @@ def qk_norm_rotary_triton(
     """Triton `qk_norm_rotary_ref`, in place (strides as kernels.rotary takes them).
     Raises ValueError on bad shapes, strides or dtypes."""
     q, k = check_rotary_args(positions, query, key, head_size, cos_sin_cache)
-    kv_args = kv.kernel_args(k) if kv is not None else no_cache_write_args(k)
+    kv_args, kv_meta = cache_write_launch(kv, k)
     _check_weight("q_weight", q_weight, head_size)
     _check_weight("k_weight", k_weight, head_size)
     check_same_device(query=query, q_weight=q_weight, k_weight=k_weight)
@@ -196,7 +196,7 @@ def qk_norm_rotary_triton(
         NUM_Q_HEADS=q.shape[1], NUM_K_HEADS=k.shape[1], HEAD_SIZE=head_size, HALF=half,
         BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_R=block_r,
         BLOCK_T=next_pow2(tail) if tail else 0,
-        **(kv.kernel_meta() if kv is not None else NO_CACHE_WRITE_META),
+        **kv_meta,
         INTERPRET=interpreting(), num_warps=4,
     )  # fmt: skip
 

@@ -23,7 +23,7 @@ from kernels.dispatch import (
     triton,
     use_triton,
 )
-from kernels.kv_write import NO_CACHE_WRITE_META, CacheWrite, no_cache_write_args, write_rotated_kv
+from kernels.kv_write import CacheWrite, cache_write_launch, write_rotated_kv
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
@@ -231,7 +231,7 @@ def rotary_embedding_triton(
     Positions must lie inside the cache (not checked on the device). Raises ValueError
     on bad shapes, strides or dtypes."""
     q, k = check_rotary_args(positions, query, key, head_size, cos_sin_cache)
-    kv_args = kv.kernel_args(k) if kv is not None else no_cache_write_args(k)
+    kv_args, kv_meta = cache_write_launch(kv, k)
     num_tokens, rot_dim = positions.shape[0], cos_sin_cache.shape[1]
     if num_tokens == 0:
         return
@@ -242,7 +242,7 @@ def rotary_embedding_triton(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0), *kv_args,
         NUM_Q_HEADS=q.shape[1], NUM_K_HEADS=k.shape[1], HEAD_SIZE=head_size, HALF=half,
         BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_R=block_r, IS_NEOX=is_neox,
-        **(kv.kernel_meta() if kv is not None else NO_CACHE_WRITE_META),
+        **kv_meta,
         INTERPRET=interpreting(), num_warps=4,
     )  # fmt: skip
 
