@@ -228,6 +228,16 @@ def _attend_keys(
 
 
 @triton.jit
+def _dot_operand(q, F16_DOT: tl.constexpr):
+    # F16_DOT: an FP8 cache under bfloat16 queries. FP8 -> float16 is one conversion
+    # (to bfloat16 it goes through float32) and float16 holds every e4m3 and e5m2 value
+    # exactly, so the keys and values are multiplied as float16: q is clamped to its range.
+    if F16_DOT:
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+    return q
+
+
+@triton.jit
 def _aligned_prefix(prefix_len_ptr, ALIGN: tl.constexpr):
     # Both launches of a cascade round the shared prefix alike, to whole key steps.
     return (tl.load(prefix_len_ptr) // ALIGN) * ALIGN
@@ -293,6 +303,7 @@ def _paged_attention_kernel(
     SKIP_PREFIX: tl.constexpr,
     PREFIX_ALIGN: tl.constexpr,
     PRECISION: tl.constexpr,
+    F16_DOT: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP
@@ -317,6 +328,7 @@ def _paged_attention_kernel(
 
     q_offs = (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
     q = tl.load(q_ptr + q_offs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [M, D]
+    q = _dot_operand(q, F16_DOT)
 
     # Keys [lo, hi): up to the tile's last query, from the window start of its first.
     # Keys [full_lo, full_hi) are seen by every row: no mask needed there.
@@ -432,6 +444,7 @@ def _shared_prefix_kernel(
     USE_SOFT_CAP: tl.constexpr,
     PREFIX_ALIGN: tl.constexpr,
     PRECISION: tl.constexpr,
+    F16_DOT: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
     # Cascade attention, first half: the decode queries of every sequence against the
@@ -447,6 +460,7 @@ def _shared_prefix_kernel(
     d_ok = d < HEAD_DIM
     q_offs = tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
     q = tl.load(q_ptr + q_offs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [M, D]
+    q = _dot_operand(q, F16_DOT)
 
     prefix = _aligned_prefix(prefix_len_ptr, PREFIX_ALIGN)
     part_len = tl.cdiv(tl.cdiv(prefix, tl.num_programs(2)), BLOCK_N) * BLOCK_N
@@ -671,7 +685,7 @@ def _launch(
             USE_WINDOW=sliding_window > 0, USE_SOFT_CAP=soft_cap > 0,
             SPLIT=partials.num_splits > 1, SKIP_PREFIX=prefix_splits > 0,
             PREFIX_ALIGN=SHARED_PREFIX_ALIGN,
-            PRECISION=_precision(q), INTERPRET=interpreting(),
+            PRECISION=_precision(q), F16_DOT=_f16_dot(q, k_cache), INTERPRET=interpreting(),
             num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
     if partials.num_splits > 1:
@@ -685,6 +699,10 @@ def _launch(
 
 def _precision(q: torch.Tensor) -> str:
     return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def _f16_dot(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    return q.dtype == torch.bfloat16 and k_cache.element_size() == 1
 
 
 def _launch_shared_prefix(
@@ -715,7 +733,7 @@ def _launch_shared_prefix(
         QUERIES_PER_KV=num_heads // num_kv_heads, GROUP=group, HEAD_DIM=head_dim,
         BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size,
         USE_SOFT_CAP=soft_cap > 0, PREFIX_ALIGN=SHARED_PREFIX_ALIGN,
-        PRECISION=_precision(q), INTERPRET=interpreting(),
+        PRECISION=_precision(q), F16_DOT=_f16_dot(q, k_cache), INTERPRET=interpreting(),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
 

@@ -128,6 +128,7 @@ def test_soft_cap() -> None:
         (10, torch.float32, torch.float8_e4m3fn),
         (11, torch.bfloat16, torch.float8_e4m3fn),
         (12, torch.float16, torch.float8_e5m2),
+        (17, torch.bfloat16, torch.float8_e5m2),
     ],
 )
 def test_fp8_cache(seed: int, dtype: torch.dtype, cache_dtype: torch.dtype) -> None:
@@ -136,6 +137,17 @@ def test_fp8_cache(seed: int, dtype: torch.dtype, cache_dtype: torch.dtype) -> N
     ref = reference(b, 0.125, k_scale=0.5, v_scale=2.0)
     out = run_triton(b, 0.125, k_scale=0.5, v_scale=2.0)
     assert_close(out, ref, TOLERANCE[dtype])
+
+
+def test_fp8_cache_bf16_queries_past_float16_range() -> None:
+    # bfloat16 queries meet an FP8 cache in float16 products (one conversion of the keys
+    # instead of two); queries past float16's range are clamped, never inf or NaN.
+    torch.manual_seed(18)
+    b = make_attention_batch([1, 3], [40, 9], 4, 1, 64, 16, torch.bfloat16, torch.float8_e4m3fn)
+    b.q[0, 0, :4] = torch.tensor([1e6, -1e6, 7e4, -7e4], dtype=torch.bfloat16)
+    out = run_triton(b, 1e-6)
+    assert torch.isfinite(out).all()
+    assert_close(out[1:], reference(b, 1e-6)[1:], TOLERANCE[torch.bfloat16])
 
 
 @pytest.mark.parametrize(
