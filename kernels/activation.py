@@ -15,10 +15,12 @@ from kernels.dispatch import (
     check_inner_contiguous,
     interpreting,
     next_pow2,
+    pdl_launch,
     require,
     tl,
     triton,
     use_triton,
+    wait_for_prior_kernel,
 )
 
 
@@ -52,8 +54,10 @@ def _silu_and_mul_kernel(
     stride_x,
     width,
     BLOCK_I: tl.constexpr,
+    PDL: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
+    wait_for_prior_kernel(PDL)
     # Program (row, j) makes out[row, j*BLOCK_I : (j+1)*BLOCK_I] from the gate and up halves.
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -74,8 +78,10 @@ def _activation_kernel(
     numel,
     KIND: tl.constexpr,  # 0 gelu (erf), 1 gelu_new (tanh), 2 relu
     BLOCK_E: tl.constexpr,
+    PDL: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
+    wait_for_prior_kernel(PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)
     mask = offs < numel
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -107,7 +113,14 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
     block = min(next_pow2(width), BLOCK)
     grid = (x2.shape[0], -(-width // block))
     _silu_and_mul_kernel[grid](
-        x2, out, x2.stride(0), width, BLOCK_I=block, INTERPRET=interpreting(), num_warps=4
+        x2,
+        out,
+        x2.stride(0),
+        width,
+        BLOCK_I=block,
+        INTERPRET=interpreting(),
+        **pdl_launch(x2),
+        num_warps=4,
     )
     return out
 
@@ -120,7 +133,7 @@ def _elementwise(x: torch.Tensor, kind: int) -> torch.Tensor:
     if n == 0:
         return out
     _activation_kernel[(-(-n // BLOCK),)](
-        x, out, n, KIND=kind, BLOCK_E=BLOCK, INTERPRET=interpreting(), num_warps=4
+        x, out, n, KIND=kind, BLOCK_E=BLOCK, INTERPRET=interpreting(), **pdl_launch(x), num_warps=4
     )
     return out
 

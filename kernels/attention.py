@@ -28,10 +28,12 @@ from kernels.dispatch import (
     interpreting,
     next_pow2,
     num_sms,
+    pdl_launch,
     require,
     tl,
     triton,
     use_triton,
+    wait_for_prior_kernel,
 )
 
 
@@ -304,8 +306,10 @@ def _paged_attention_kernel(
     PREFIX_ALIGN: tl.constexpr,
     PRECISION: tl.constexpr,
     F16_DOT: tl.constexpr,
+    PDL: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
+    wait_for_prior_kernel(PDL)
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP
     seq = tl.program_id(0) // tiles_per_seq
     # The last tiles of a sequence see the most keys: start them first.
@@ -445,8 +449,10 @@ def _shared_prefix_kernel(
     PREFIX_ALIGN: tl.constexpr,
     PRECISION: tl.constexpr,
     F16_DOT: tl.constexpr,
+    PDL: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
+    wait_for_prior_kernel(PDL)
     # Cascade attention, first half: the decode queries of every sequence against the
     # keys all of them share, read once per tile of BLOCK_M // GROUP sequences instead of
     # once per sequence. Each query sits past the prefix, so no key is masked. Rows pack
@@ -497,8 +503,10 @@ def _split_kv_reduce_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
+    wait_for_prior_kernel(PDL)
     # Merge the partitions of one (decode token, head): rescale each partial sum by
     # 2^(m_s - max m) and divide by the equally rescaled denominators.
     seq = tl.program_id(0)
@@ -685,7 +693,7 @@ def _launch(
             USE_WINDOW=sliding_window > 0, USE_SOFT_CAP=soft_cap > 0,
             SPLIT=partials.num_splits > 1, SKIP_PREFIX=prefix_splits > 0,
             PREFIX_ALIGN=SHARED_PREFIX_ALIGN,
-            PRECISION=_precision(q), F16_DOT=_f16_dot(q, k_cache), INTERPRET=interpreting(),
+            PRECISION=_precision(q), F16_DOT=_f16_dot(q, k_cache), INTERPRET=interpreting(), **pdl_launch(q),
             num_warps=num_warps, num_stages=num_stages,
         )  # fmt: skip
     if partials.num_splits > 1:
@@ -693,7 +701,7 @@ def _launch(
             out, partials.acc, partials.m, partials.l, query_start_loc, partials.num_parts,
             out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=next_pow2(partials.num_parts),
-            INTERPRET=interpreting(), num_warps=4,
+            INTERPRET=interpreting(), **pdl_launch(out), num_warps=4,
         )  # fmt: skip
 
 
@@ -733,7 +741,7 @@ def _launch_shared_prefix(
         QUERIES_PER_KV=num_heads // num_kv_heads, GROUP=group, HEAD_DIM=head_dim,
         BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size,
         USE_SOFT_CAP=soft_cap > 0, PREFIX_ALIGN=SHARED_PREFIX_ALIGN,
-        PRECISION=_precision(q), F16_DOT=_f16_dot(q, k_cache), INTERPRET=interpreting(),
+        PRECISION=_precision(q), F16_DOT=_f16_dot(q, k_cache), INTERPRET=interpreting(), **pdl_launch(q),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
 

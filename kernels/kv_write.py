@@ -22,10 +22,12 @@ from kernels.dispatch import (
     check_same_device,
     interpreting,
     next_pow2,
+    pdl_launch,
     require,
     tl,
     triton,
     use_triton,
+    wait_for_prior_kernel,
 )
 
 
@@ -116,8 +118,10 @@ def _write_kv_kernel(
     BLOCK_D: tl.constexpr,
     FP8: tl.constexpr,
     FP8_MAX: tl.constexpr,
+    PDL: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
+    wait_for_prior_kernel(PDL)
     # One program copies BLOCK_H heads of one token's key and value rows into its slot.
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -300,7 +304,7 @@ def write_kv_triton(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_H=block_h, BLOCK_D=block_d, FP8=fp8, FP8_MAX=fp8_max,
-        INTERPRET=interpreting(), num_warps=4,
+        INTERPRET=interpreting(), **pdl_launch(key), num_warps=4,
     )  # fmt: skip
 
 

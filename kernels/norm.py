@@ -17,10 +17,12 @@ from kernels.dispatch import (
     check_same_device,
     interpreting,
     next_pow2,
+    pdl_launch,
     require,
     tl,
     triton,
     use_triton,
+    wait_for_prior_kernel,
 )
 
 
@@ -52,8 +54,10 @@ def _rms_norm_kernel(
     HIDDEN: tl.constexpr,
     BLOCK: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    PDL: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
+    wait_for_prior_kernel(PDL)
     # One row per program, statistics in float32. The roundings follow the reference:
     # the sum is rounded to the residual dtype before it is normalized, and the
     # normalized row is rounded to its input dtype before the weight multiplies it.
@@ -122,7 +126,7 @@ def _launch_rms_norm(
         x2, r2, weight, out, new_residual if new_residual is not None else out,
         x2.stride(0), r2.stride(0), eps,
         HIDDEN=hidden, BLOCK=block, HAS_RESIDUAL=residual is not None,
-        INTERPRET=interpreting(), num_warps=min(16, max(1, block // 512)),
+        INTERPRET=interpreting(), **pdl_launch(x2), num_warps=min(16, max(1, block // 512)),
     )  # fmt: skip
     return out, new_residual
 

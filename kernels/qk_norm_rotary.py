@@ -19,10 +19,12 @@ from kernels.dispatch import (
     check_same_device,
     interpreting,
     next_pow2,
+    pdl_launch,
     require,
     tl,
     triton,
     use_triton,
+    wait_for_prior_kernel,
 )
 from kernels.kv_write import CacheWrite, cache_write_launch, write_rotated_kv
 from kernels.norm import rms_norm_ref
@@ -136,8 +138,10 @@ def _qk_norm_rotary_kernel(
     BLOCK_SIZE: tl.constexpr,
     FP8: tl.constexpr,
     FP8_MAX: tl.constexpr,
+    PDL: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
+    wait_for_prior_kernel(PDL)
     # One token per program, as kernels.rotary: its cos/sin row is read once.
     token = tl.program_id(0).to(tl.int64)
     cos, sin = token_cos_sin(positions_ptr, cos_sin_ptr, stride_cache, token, HALF, BLOCK_R)
@@ -197,7 +201,7 @@ def qk_norm_rotary_triton(
         BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_R=block_r,
         BLOCK_T=next_pow2(tail) if tail else 0,
         **kv_meta,
-        INTERPRET=interpreting(), num_warps=4,
+        INTERPRET=interpreting(), **pdl_launch(q), num_warps=4,
     )  # fmt: skip
 
 

@@ -18,10 +18,12 @@ from kernels.dispatch import (
     check_same_device,
     interpreting,
     next_pow2,
+    pdl_launch,
     require,
     tl,
     triton,
     use_triton,
+    wait_for_prior_kernel,
 )
 from kernels.kv_write import CacheWrite, cache_write_launch, write_rotated_kv
 
@@ -150,8 +152,10 @@ def _rotary_kernel(
     BLOCK_SIZE: tl.constexpr,
     FP8: tl.constexpr,
     FP8_MAX: tl.constexpr,
+    PDL: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
+    wait_for_prior_kernel(PDL)
     # One token per program: read its cos/sin row once, rotate all q and k heads.
     token = tl.program_id(0).to(tl.int64)
     cos, sin = token_cos_sin(positions_ptr, cos_sin_ptr, stride_cache, token, HALF, BLOCK_R)
@@ -243,7 +247,7 @@ def rotary_embedding_triton(
         NUM_Q_HEADS=q.shape[1], NUM_K_HEADS=k.shape[1], HEAD_SIZE=head_size, HALF=half,
         BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_R=block_r, IS_NEOX=is_neox,
         **kv_meta,
-        INTERPRET=interpreting(), num_warps=4,
+        INTERPRET=interpreting(), **pdl_launch(q), num_warps=4,
     )  # fmt: skip
 
 

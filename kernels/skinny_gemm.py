@@ -27,10 +27,12 @@ from kernels.dispatch import (
     dot,
     interpreting,
     next_pow2,
+    pdl_launch,
     require,
     tl,
     triton,
     use_triton,
+    wait_for_prior_kernel,
 )
 
 SKINNY_MAX_ROWS = 16  # rows of x a program holds: tl.dot's least M
@@ -61,8 +63,10 @@ def _skinny_gemm_kernel(
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
+    wait_for_prior_kernel(PDL)
     # Program j makes y[:, j*BLOCK_N : (j+1)*BLOCK_N] for every row, over all of K.
     rm = tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -146,7 +150,7 @@ def skinny_linear_triton(
         x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=SKINNY_MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
         EVEN_K=k % block_k == 0, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        INTERPRET=interpreting(), num_warps=4, num_stages=4,
+        INTERPRET=interpreting(), **pdl_launch(x), num_warps=4, num_stages=4,
     )  # fmt: skip
     return y
 
