@@ -9,6 +9,7 @@ group; the layers read their tensor-parallel rank and size from
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 from collections.abc import Callable
@@ -91,11 +92,33 @@ def pp_group_of(par: ParallelConfig, rank: int) -> PPGroup:
     )
 
 
-def destroy_distributed() -> None:
+def destroy_distributed(*, wait_for_peers: bool = False) -> None:
+    """Leave the process group; with `wait_for_peers`, after every rank has reached here.
+
+    A gloo group torn down while a peer still talks to it may abort the process at exit
+    ("terminate called without an active exception"): ranks that all shut down together
+    (torchrun's) meet at a barrier first. A dead peer only delays the teardown by
+    `PEER_WAIT` on gloo; under NCCL torchrun kills the survivors of a dead rank.
+    """
     if dist.is_initialized():
+        if wait_for_peers:
+            _meet_peers()
         dist.destroy_process_group()
     set_tp_group(TPGroup())
     set_pp_group(PPGroup())
+
+
+PEER_WAIT = datetime.timedelta(seconds=60)
+
+
+def _meet_peers() -> None:
+    if dist.get_backend() != "gloo":
+        dist.barrier()
+        return
+    try:
+        dist.monitored_barrier(timeout=PEER_WAIT)
+    except RuntimeError as e:  # a peer is gone: leave anyway
+        logger.warning("ranks did not all reach the shutdown: %s", e)
 
 
 def check_same_on_all_ranks(x: torch.Tensor) -> bool:

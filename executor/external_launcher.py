@@ -91,6 +91,6 @@ class ExternalLauncherExecutor(Executor):
             return
         self.worker = None
         if self._owns_group:
-            destroy_distributed()
+            destroy_distributed(wait_for_peers=True)
         else:
             set_tp_group(TPGroup())
