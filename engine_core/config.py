@@ -71,7 +71,9 @@ from engine_core.args import (
 )
 from engine_core.config_cache import folder_hf_config, generation_config, gguf_hf_config
 from engine_core.cuda_devices import cuda_device_count, first_device_info
+from engine_core.hf_overrides import ROPE_KEYS, override_problem
 from engine_core.models_alias import AliasNotInstalledError, is_alias, resolve_alias
+from engine_core.sampling_params import generation_defaults_problem
 from executor.config import (
     DEFAULT_ADMISSION_HORIZON,
     ArgumentError,
@@ -87,6 +89,7 @@ from executor.config import (
     SchedulerConfig,
     SpeculativeConfig,
 )
+from executor.rope_config import rope_problem
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +129,13 @@ DEFAULT_CPU_KVCACHE_GIB = 4.0
 DEFAULT_BLOCK_SIZE = 16
 MAX_CUDA_BLOCK_SIZE = 128
 DEFAULT_IGNORE_PATTERNS = ["original/**/*"]
+# --scheduler-cls values that name the built-in scheduler: ours, and vLLM's defaults.
+DEFAULT_SCHEDULER_CLASSES = (
+    "engine_core.scheduler.Scheduler",
+    "engine_core.scheduler.scheduler.Scheduler",
+    "vllm.core.scheduler.Scheduler",
+    "vllm.v1.core.sched.scheduler.Scheduler",
+)
 
 
 class ConfigError(ValueError):
@@ -203,6 +213,15 @@ def _positive(value: Any) -> str | None:
     return None if value > 0 else "must be positive"
 
 
+def _positive_finite(value: Any) -> str | None:
+    return None if 0 < value < math.inf else "must be a positive, finite number"
+
+
+def _fits_64_bits(value: Any) -> str | None:
+    # torch's generators and msgpack take seeds in [-2**63, 2**64)
+    return None if -(2**63) <= value < 2**64 else "must fit in 64 bits"
+
+
 def _non_negative(value: Any) -> str | None:
     return None if value >= 0 else "must be zero or more"
 
@@ -236,7 +255,7 @@ def _compilation_problem(value: Any) -> str | None:
     if unknown:
         return f"unknown key {unknown[0]!r} (this build reads: {', '.join(COMPILATION_KEYS)})"
     level = config.get("level", 0)
-    if not (isinstance(level, int) and 0 <= level <= 3):
+    if isinstance(level, bool) or not (isinstance(level, int) and 0 <= level <= 3):
         return "level must be 0-3"
     sizes = config.get("cudagraph_capture_sizes")
     if sizes is not None and not (
@@ -307,7 +326,7 @@ RULES: dict[str, Rule] = {
     "hf_token": _refused("this build loads local paths only; there is no hub access"),
     "hf_overrides": _works(),
     "rope_scaling": _works(_ROPE_NOTE),
-    "rope_theta": _works(_ROPE_NOTE, check=_positive),
+    "rope_theta": _works(_ROPE_NOTE, check=_positive_finite),
     "disable_sliding_window": _works(),
     "served_model_name": _works(check=_names),
     "qlora_adapter_name_or_path": _refused(_NO_LORA),
@@ -363,8 +382,13 @@ RULES: dict[str, Rule] = {
     "prefix_caching_hash_algo": _works(),
     "use_v2_block_manager": _works("deprecated, no effect (a warning is logged)"),
     "num_lookahead_slots": _refused(_NO_SPEC, check=_non_negative),
-    "seed": _works(),
-    "swap_space": _works(check=_non_negative),
+    "seed": _works(check=_fits_64_bits),
+    "swap_space": _only(
+        (0,),
+        "no CPU swap space is used: preempted requests are recomputed (swap preemption "
+        "is not in this build)",
+        check=_non_negative,
+    ),
     "cpu_offload_gb": _refused(
         "weight offloading to the CPU is not in this build yet", check=_non_negative
     ),
@@ -397,7 +421,10 @@ RULES: dict[str, Rule] = {
     "scheduler_delay_factor": _works(check=_non_negative),
     "preemption_mode": _only(("recompute",), "swap preemption is not in this build yet"),
     "scheduling_policy": _works(),
-    "scheduler_cls": _refused("custom scheduler classes are not supported"),
+    "scheduler_cls": _only(
+        DEFAULT_SCHEDULER_CLASSES,
+        "custom scheduler classes are not supported; the built-in scheduler's paths are accepted",
+    ),
     "max_logprobs": _works(check=_non_negative),
     "disable_async_output_proc": _works(
         "turns off async scheduling: the engine core then waits for each step's output "
@@ -776,7 +803,17 @@ def load_generation_config(
         if not folder.is_dir():
             raise ConfigError("--generation-config", setting, "no such folder")
         base = _read_generation_config(folder, required=True)
-    return {**base, **_plain(override or {})}
+    _check_generation_defaults("--generation-config", setting, base)
+    merged = {**base, **_plain(override or {})}
+    _check_generation_defaults("--override-generation-config", override, merged)
+    return merged
+
+
+def _check_generation_defaults(flag: str, value: Any, defaults: dict[str, Any]) -> None:
+    # Checked once here: a bad default would otherwise fail every request.
+    problem = generation_defaults_problem(defaults)
+    if problem:
+        raise ConfigError(flag, value, problem)
 
 
 def _read_generation_config(folder: Path, required: bool) -> dict[str, Any]:
@@ -1173,7 +1210,6 @@ def resolve_config(args: EngineArgs, offline: bool = False) -> EngineConfig:
             prefix_caching_hash_algo=args.prefix_caching_hash_algo,
             gpu_memory_utilization=float(args.gpu_memory_utilization),
             num_gpu_blocks_override=args.num_gpu_blocks_override,
-            swap_space_gib=float(args.swap_space),
             cpu_offload_gb=float(args.cpu_offload_gb),
             # auto = the model dtype; fp8 is e4m3
             cache_dtype=model.dtype if args.kv_cache_dtype == "auto" else args.kv_cache_dtype,
@@ -1213,7 +1249,7 @@ def resolve_model_config(
     hf_config["architectures"] = [architecture]  # GGUF configs leave it empty
     if architecture in NO_ROPE_ARCHITECTURES:
         _refuse_rope_for(architecture, args)
-    hf_config = apply_hf_overrides(hf_config, args.hf_overrides, args.rope_scaling, args.rope_theta)
+    hf_config = _with_overrides(hf_config, args)
     if not files.is_gguf:
         _check_unquantized(hf_config, args.model)
     max_model_len = resolve_max_model_len(
@@ -1246,6 +1282,31 @@ def resolve_model_config(
         quantization=quantization,
         model_impl="vllm",  # auto: every supported architecture has its own implementation
     )
+
+
+def _with_overrides(hf_config: dict[str, Any], args: EngineArgs) -> dict[str, Any]:
+    """The config with --hf-overrides, --rope-scaling and --rope-theta applied, each
+    checked first: a bad value is refused here, naming its flag, not in a worker."""
+    if args.hf_overrides:
+        problem = override_problem(hf_config, _plain(args.hf_overrides))
+        if problem:
+            raise ConfigError("--hf-overrides", args.hf_overrides, problem)
+    merged = apply_hf_overrides(hf_config, args.hf_overrides, args.rope_scaling, args.rope_theta)
+    problem = rope_problem(merged)
+    if problem:
+        raise ConfigError(*_rope_source(args), problem)
+    return merged
+
+
+def _rope_source(args: EngineArgs) -> tuple[str, Any]:
+    """The flag (and value) that set the rotary settings, for an error message."""
+    if args.rope_scaling is not None:
+        return "--rope-scaling", args.rope_scaling
+    if ROPE_KEYS & set(args.hf_overrides or {}):
+        return "--hf-overrides", args.hf_overrides
+    if args.rope_theta is not None:
+        return "--rope-theta", args.rope_theta
+    return "--model", args.model  # the model's own config
 
 
 def _refuse_rope_for(architecture: str, args: EngineArgs) -> None:

@@ -31,6 +31,24 @@ GENERATION_CONFIG_FIELDS: dict[str, str] = {
 }
 
 
+def generation_defaults_problem(gen_cfg: dict[str, Any]) -> str | None:
+    """Why a generation config's values could not default a request, or None."""
+    fields: dict[str, Any] = {}
+    for key, name in GENERATION_CONFIG_FIELDS.items():
+        value = gen_cfg.get(key)
+        if value is None:
+            continue
+        integer = name in ("top_k", "max_tokens")
+        if isinstance(value, bool) or not isinstance(value, int if integer else int | float):
+            return f"{key} must be {'an integer' if integer else 'a number'}, got {value!r}"
+        fields[name] = value
+    try:
+        SamplingParams(**fields)
+    except ValueError as error:
+        return f"as a request default: {error}"
+    return None
+
+
 class RequestOutputKind(enum.IntEnum):
     """What each streamed output of a request carries."""
 

@@ -69,7 +69,6 @@ class CacheConfig(_Frozen, frozen=True, kw_only=True, forbid_unknown_fields=True
     prefix_caching_hash_algo: str = "builtin"
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
-    swap_space_gib: float = 4.0
     cpu_offload_gb: float = 0.0
     cache_dtype: str = "auto"
     calculate_kv_scales: bool = False

@@ -17,7 +17,8 @@ from executor.layers.linear import (
     set_tp_group,
 )
 from executor.layers.norm import LayerNorm, RMSNorm
-from executor.layers.rotary import RotaryEmbedding, rope_settings
+from executor.layers.rotary import RotaryEmbedding
+from executor.rope_config import rope_settings
 
 __all__ = [
     "Attention",

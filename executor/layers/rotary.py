@@ -3,8 +3,7 @@
 `RotaryEmbedding` owns cos_sin_cache [cache_len, rotary_dim] float32 (cos half, then
 sin half) and rotates q and k in place through the `kernels.rotary` kernel. The
 scaling types follow the Hugging Face definitions (rope_type none/default, linear,
-dynamic, llama3, yarn); `rope_settings` reads them from an HF config dict in both
-the old (rope_theta + rope_scaling) and the new (rope_parameters) spelling.
+dynamic, llama3, yarn); `executor.rope_config.rope_settings` reads them from an HF config dict.
 """
 
 from __future__ import annotations
@@ -17,11 +16,10 @@ import torch
 from torch import nn
 
 from executor.layers.norm import RMSNorm
+from executor.rope_config import SUPPORTED_ROPE_TYPES
 from kernels.kv_write import CacheWrite
 from kernels.qk_norm_rotary import qk_norm_rotary
 from kernels.rotary import rotary_embedding
-
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
 @dataclass(frozen=True)
@@ -181,14 +179,3 @@ class RotaryEmbedding(nn.Module):
             positions, q, k, self.head_size, self.cos_sin_cache, q_norm.weight, k_norm.weight,
             q_norm.eps, kv,
         )  # fmt: skip
-
-
-def rope_settings(hf_config: dict[str, Any]) -> tuple[float, dict[str, Any] | None, float]:
-    """(rope_theta, scaling dict or None, partial_rotary_factor) from an HF config dict."""
-    params = dict(hf_config.get("rope_scaling") or {})
-    params.update(hf_config.get("rope_parameters") or {})
-    theta = params.pop("rope_theta", None) or hf_config.get("rope_theta") or 10000.0
-    partial = params.pop("partial_rotary_factor", None) or hf_config.get("partial_rotary_factor")
-    rope_type = params.get("rope_type", params.get("type")) or "default"
-    scaling = None if rope_type == "default" else params
-    return float(theta), scaling, float(partial or 1.0)

@@ -25,9 +25,10 @@ from executor.layers.linear import (
     RowParallelLinear,
 )
 from executor.layers.norm import RMSNorm
-from executor.layers.rotary import RotaryEmbedding, rope_settings
+from executor.layers.rotary import RotaryEmbedding
 from executor.models.registry import CausalLM, load_named_weights
 from executor.pipeline import IntermediateTensors, PPGroup, make_layers
+from executor.rope_config import rope_settings
 
 # Checkpoint q/k/v and gate/up tensors load as shards of the fused projections.
 STACKED_PARAMS = (

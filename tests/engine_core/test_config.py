@@ -15,6 +15,7 @@ from engine_core.args import EngineArgs, default_of, engine_arg_names, flag_of
 from engine_core.config import (
     ADMISSION_HORIZON_ENV,
     CPU_KVCACHE_ENV,
+    DEFAULT_SCHEDULER_CLASSES,
     REFUSED,
     RULES,
     ConfigError,
@@ -204,6 +205,65 @@ def test_legacy_rope_keys_inside_hf_overrides() -> None:
     assert base["a"] == {"b": 1}  # the input is not changed
 
 
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"num_hidden_layers": "x"}, "num_hidden_layers must be a positive integer"),
+        ({"num_hidden_layers": -1}, "num_hidden_layers must be a positive integer"),
+        ({"max_position_embeddings": "abc"}, "must be a positive integer"),
+        ({"vocab_size": 1000.0}, "vocab_size must be a positive integer"),
+        ({"rms_norm_eps": "small"}, "rms_norm_eps must be a number"),
+        ({"rms_norm_eps": float("nan")}, "must be a finite number"),
+        ({"tie_word_embeddings": 1}, "must be true or false"),
+    ],
+)
+def test_hf_overrides_of_the_wrong_kind_are_refused(
+    llama: Path, overrides: dict[str, Any], words: str
+) -> None:
+    error = refusal(llama, hf_overrides=overrides)
+    assert error.arg_name == "--hf-overrides"
+    assert words in str(error)
+
+
+def test_hf_overrides_may_unset_a_nullable_size(llama: Path) -> None:
+    assert resolve(llama, hf_overrides={"head_dim": None}).model.hf_config["head_dim"] is None
+
+
+@pytest.mark.parametrize(
+    "scaling, words",
+    [
+        ({"rope_type": "nonsense", "factor": 2}, "rope type 'nonsense' is not supported"),
+        ({"rope_type": "linear", "factor": "x"}, "linear scaling needs a factor >= 1"),
+        ({"rope_type": "linear", "factor": 0}, "factor >= 1"),
+        ({"rope_type": "dynamic", "factor": -2}, "factor >= 1"),
+        ({"rope_type": "dynamic"}, "factor >= 1, got None"),
+        ({"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 0}, "original"),
+        ({"rope_type": "llama3", "factor": 8, "low_freq_factor": 4, "high_freq_factor": 1}, ">"),
+    ],
+)
+def test_bad_rope_scaling_is_refused_at_startup(
+    llama: Path, scaling: dict[str, Any], words: str
+) -> None:
+    error = refusal(llama, rope_scaling=scaling)
+    assert error.arg_name == "--rope-scaling"
+    assert words in str(error)
+    # the same settings through --hf-overrides name that flag
+    assert refusal(llama, hf_overrides={"rope_scaling": scaling}).arg_name == "--hf-overrides"
+
+
+def test_rope_theta_must_be_finite(llama: Path) -> None:
+    assert refusal(llama, rope_theta=float("inf")).arg_name == "--rope-theta"
+
+
+def test_unsupported_rope_in_the_model_config_names_the_model(tmp_path: Path) -> None:
+    config = json.loads((write_llama(tmp_path) / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "su", "rope_theta": 10000.0, "factor": 2.0}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    error = refusal(tmp_path)
+    assert error.arg_name == "--model"
+    assert "'su'" in str(error)
+
+
 def test_rope_on_opt_is_refused(tmp_path: Path) -> None:
     OPTConfig(
         hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4
@@ -230,6 +290,30 @@ def test_generation_config_from_a_folder(llama: Path, tmp_path: Path) -> None:
     assert refusal(llama, generation_config=str(tmp_path)).arg_name == "--generation-config"
     missing = refusal(llama, generation_config=str(tmp_path / "nowhere"))
     assert missing.arg_name == "--generation-config"
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ({"temperature": "hot"}, "temperature must be a number"),
+        ({"max_new_tokens": -3}, "max_tokens must be >= 1"),
+        ({"top_k": 2.5}, "top_k must be an integer"),
+        ({"top_p": 0}, "top_p must be in (0, 1]"),
+    ],
+)
+def test_bad_generation_overrides_are_refused_at_startup(
+    llama: Path, override: dict[str, Any], words: str
+) -> None:
+    error = refusal(llama, override_generation_config=override)
+    assert error.arg_name == "--override-generation-config"
+    assert words in str(error)
+
+
+def test_a_bad_generation_config_file_names_its_flag(llama: Path, tmp_path: Path) -> None:
+    write_generation_config(tmp_path / "gen", {"temperature": -1})
+    error = refusal(llama, generation_config=str(tmp_path / "gen"))
+    assert error.arg_name == "--generation-config"
+    assert "temperature must be >= 0" in str(error)
 
 
 def test_no_generation_config_file_is_empty(tmp_path: Path) -> None:
@@ -416,7 +500,7 @@ def test_cache_config(llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ).cache
     assert (cache.block_size, cache.enable_prefix_caching) == (64, False)
     assert (cache.prefix_caching_hash_algo, cache.num_gpu_blocks_override) == ("sha256", 12)
-    assert (cache.gpu_memory_utilization, cache.swap_space_gib) == (0.5, 0.0)
+    assert cache.gpu_memory_utilization == 0.5
 
 
 def test_cpu_kv_cache_space_env(llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -490,6 +574,7 @@ REFUSED_VALUES: dict[str, Any] = {
     "num_scheduler_steps": 2,
     "multi_step_stream_outputs": False,
     "preemption_mode": "swap",
+    "swap_space": 8.0,
     "scheduler_cls": "my.Scheduler",
     "disable_chunked_mm_input": True,
     "additional_config": {"a": 1},
@@ -570,6 +655,9 @@ def test_config_error_is_a_value_error() -> None:
         ("num_gpu_blocks_override", 0),
         ("long_prefill_token_threshold", -1),
         ("rope_theta", 0.0),
+        ("seed", 2**64),
+        ("seed", -(2**63) - 1),
+        ("compilation_config", {"level": True}),
         ("tensor_parallel_size", 0),
         ("pipeline_parallel_size", 0),
         ("compilation_config", 7),
@@ -590,6 +678,13 @@ def test_bad_values_from_python(name: str, value: Any, llama: Path) -> None:
     with pytest.raises(ConfigError) as error:
         resolve_config(EngineArgs(**{"model": str(llama), "device": "cpu", name: value}))
     assert error.value.arg_name == flag_of(name)
+
+
+def test_swap_space_zero_and_the_default_schedulers_are_accepted(llama: Path) -> None:
+    resolve(llama, swap_space=0)
+    resolve(llama, seed=2**64 - 1)
+    for path in DEFAULT_SCHEDULER_CLASSES:
+        resolve(llama, scheduler_cls=path)
 
 
 def test_every_argument_has_a_rule() -> None:

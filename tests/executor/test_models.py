@@ -26,7 +26,7 @@ from executor.layers.linear import (
     RowParallelLinear,
     TPGroup,
 )
-from executor.layers.rotary import RotaryEmbedding, rope_frequencies, rope_settings
+from executor.layers.rotary import RotaryEmbedding, rope_frequencies
 from executor.loader import load_model
 from executor.models.registry import (
     SUPPORTED_ARCHITECTURES,
@@ -34,6 +34,7 @@ from executor.models.registry import (
     get_model_class,
     kv_cache_shape_info,
 )
+from executor.rope_config import rope_settings
 from kernels.dispatch import interpreting
 from tests.helpers.tiny_models import (
     PagedRunner,
