@@ -25,10 +25,9 @@ from api_server.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
     bad_request,
-    decode_json,
     parse_request,
 )
-from api_server.serving import ServerState, api_error_of, json_response, now_s
+from api_server.serving import ServerState, api_error_of, json_response, now_s, read_json
 from executor.profiler import profiler_dir
 
 logger = logging.getLogger("api_server")
@@ -74,6 +73,7 @@ def _add_routes(app: web.Application, state: ServerState, prefix: str) -> None:
     r.add_post(prefix + "/v1/completions", bind(create_completion))
     r.add_post(prefix + "/v1/chat/completions", bind(create_chat_completion))
     r.add_get(prefix + "/v1/models", bind(list_models))
+    r.add_get(prefix + "/v1/models/{model:.+}", bind(retrieve_model))
     r.add_get(prefix + "/health", bind(health))
     r.add_get(prefix + "/ping", bind(health))
     r.add_post(prefix + "/ping", bind(health))
@@ -137,9 +137,14 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if key and request.method != "OPTIONS" and _is_api_path(request.path, state):
         given = request.headers.get("Authorization", "")
         expected = f"Bearer {key}"
-        if not hmac.compare_digest(given.encode(), expected.encode()):
+        # surrogateescape: a header of undecodable bytes is a wrong key (401), not a 400
+        if not hmac.compare_digest(_raw(given), _raw(expected)):
             raise APIError(401, "missing or invalid API key (Authorization: Bearer <key>)")
     return await handler(request)
+
+
+def _raw(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
 
 
 def _is_api_path(path: str, state: ServerState) -> bool:
@@ -181,21 +186,29 @@ async def preflight_middleware(request: web.Request, handler: Handler) -> web.St
 
 
 async def list_models(state: ServerState, request: web.Request) -> web.StreamResponse:
-    created = now_s()
-    data: list[dict[str, Any]] = [
-        {
-            "id": name,
-            "object": "model",
-            "created": created,
-            "owned_by": "tessera",
-            "root": state.config.model.model,
-            "parent": None,
-            "max_model_len": state.max_model_len,
-            "permission": [],
-        }
-        for name in state.options.served_names
-    ]
+    data = [_model_card(state, name) for name in state.options.served_names]
     return json_response({"object": "list", "data": data})
+
+
+async def retrieve_model(state: ServerState, request: web.Request) -> web.StreamResponse:
+    """One served model's card (OpenAI's GET /v1/models/{model}); 404 for another name."""
+    name = request.match_info["model"]
+    if name not in state.options.served_names:
+        raise APIError(404, f"The model `{name}` does not exist.", "model")
+    return json_response(_model_card(state, name))
+
+
+def _model_card(state: ServerState, name: str) -> dict[str, Any]:
+    return {
+        "id": name,
+        "object": "model",
+        "created": now_s(),
+        "owned_by": "tessera",
+        "root": state.config.model.model,
+        "parent": None,
+        "max_model_len": state.max_model_len,
+        "permission": [],
+    }
 
 
 async def health(state: ServerState, request: web.Request) -> web.StreamResponse:
@@ -239,7 +252,7 @@ async def metrics(state: ServerState, request: web.Request) -> web.StreamRespons
 
 async def tokenize(state: ServerState, request: web.Request) -> web.StreamResponse:
     """{prompt} or {messages} -> {count, max_model_len, tokens[, token_strs]}."""
-    req = parse_request(decode_json(await request.read()), TokenizeRequest)
+    req = parse_request(await read_json(request), TokenizeRequest)
     state.check_model(req.model)
     tokenizer = state.need_tokenizer("tokenize")
     if (req.prompt is None) == (req.messages is None):
@@ -262,7 +275,7 @@ async def tokenize(state: ServerState, request: web.Request) -> web.StreamRespon
 
 async def detokenize(state: ServerState, request: web.Request) -> web.StreamResponse:
     """{tokens} -> {prompt}."""
-    req = parse_request(decode_json(await request.read()), DetokenizeRequest)
+    req = parse_request(await read_json(request), DetokenizeRequest)
     state.check_model(req.model)
     tokenizer = state.need_tokenizer("detokenize")
     vocab = state.vocab_size

@@ -21,7 +21,6 @@ from api_server.protocol import (
     ChatCompletionRequest,
     ChatMessage,
     bad_request,
-    decode_json,
     parse_request,
 )
 from api_server.serving import (
@@ -33,6 +32,7 @@ from api_server.serving import (
     json_response,
     new_request_id,
     now_s,
+    read_json,
     run_to_end,
     sse,
     start_sse,
@@ -47,7 +47,7 @@ ROLE_ALIASES = {"developer": "system"}
 
 
 async def create_chat_completion(state: ServerState, request: web.Request) -> web.StreamResponse:
-    req = parse_request(decode_json(await request.read()), ChatCompletionRequest)
+    req = parse_request(await read_json(request), ChatCompletionRequest)
     state.check_model(req.model)
     _check_options(req)
     state.check_alive()
@@ -67,7 +67,7 @@ async def create_chat_completion(state: ServerState, request: web.Request) -> we
         prompt_logprobs=req.prompt_logprobs,
         stream=req.stream,
     )
-    job = _ChatJob(state, req, new_request_id("chatcmpl"), prompt, params)
+    job = _ChatJob(state, req, new_request_id("chatcmpl", request, req.request_id), prompt, params)
     if req.stream:
         return await job.stream(request)
     return json_response(await job.run())
@@ -214,7 +214,7 @@ class _ChatJob:
     def _logprobs(self, c: CompletionOutput) -> dict[str, Any]:
         """OpenAI's chat logprobs: {"content": [{token, logprob, bytes, top_logprobs}]}."""
         k = self.req.top_logprobs or 0
-        token_str = self.state.token_str
+        token_str = self.state.token_namer(self.req.return_tokens_as_token_ids)
         content = []
         for token_id, pos in zip(c.token_ids, c.logprobs or [], strict=False):
             chosen = pos.get(token_id)

@@ -18,9 +18,10 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 from aiohttp import web
 
-from api_server.protocol import CompletionRequest, bad_request, decode_json, parse_request
+from api_server.protocol import CompletionRequest, bad_request, parse_request
 from api_server.serving import (
     SSE_DONE,
     Prompt,
@@ -32,6 +33,7 @@ from api_server.serving import (
     merge_streams,
     new_request_id,
     now_s,
+    read_json,
     run_to_end,
     sse,
     start_sse,
@@ -42,16 +44,21 @@ from engine_core.sampling_params import SamplingParams
 
 
 async def create_completion(state: ServerState, request: web.Request) -> web.StreamResponse:
-    req = parse_request(decode_json(await request.read()), CompletionRequest)
+    req = parse_request(await read_json(request), CompletionRequest)
     state.check_model(req.model)
+    echo_only = req.echo and req.max_tokens == 0
+    if echo_only:
+        # vLLM's echo without generation (lm-eval's loglikelihood requests): one token
+        # is generated for the prompt's logprobs to exist, and is not returned
+        req = msgspec.structs.replace(req, max_tokens=1)
     _check_options(req)
     state.check_alive()
     prompts = await _prompts(state, req)
     for prompt in prompts:
         state.check_prompt(prompt, req.max_tokens, "prompt")
     params = _sampling_params(state, req)
-    request_id = new_request_id("cmpl")
-    job = _Job(state, req, request_id, prompts, params)
+    request_id = new_request_id("cmpl", request, req.request_id)
+    job = _Job(state, req, request_id, prompts, params, echo_only)
     if req.stream:
         return await job.stream(request)
     return json_response(await job.run())
@@ -81,17 +88,19 @@ async def _prompts(state: ServerState, req: CompletionRequest) -> list[Prompt]:
             "lists of token ids",
             "prompt",
         )
-    prompts = []
     for item in items:
-        if isinstance(item, str):
-            ids = await state.encode(item, req.add_special_tokens)
-            prompts.append(Prompt(item, ids))
-        elif isinstance(item, list) and all(_is_id(t) for t in item):
-            prompts.append(Prompt(None, list(item)))
-        else:
+        if not isinstance(item, str) and not (
+            isinstance(item, list) and all(_is_id(t) for t in item)
+        ):
             raise bad_request(
                 "each prompt must be a string or a list of token ids (ints >= 0)", "prompt"
             )
+    texts = [item for item in items if isinstance(item, str)]
+    encoded = iter(await state.encode_all(texts, req.add_special_tokens))
+    prompts = [
+        Prompt(item, next(encoded)) if isinstance(item, str) else Prompt(None, list(item))
+        for item in items
+    ]
     if req.truncate_prompt_tokens is not None:
         k = req.truncate_prompt_tokens
         if k < 1:
@@ -144,8 +153,10 @@ class _Job:
         request_id: str,
         prompts: list[Prompt],
         params: SamplingParams,
+        echo_only: bool = False,
     ) -> None:
         self.state = state
+        self.echo_only = echo_only
         self.req = req
         self.request_id = request_id
         self.prompts = prompts
@@ -162,9 +173,10 @@ class _Job:
         choices: list[dict[str, Any]] = []
         completion_tokens = cached = 0
         for i, out in enumerate(results):
-            completion_tokens += sum(len(c.token_ids) for c in out.outputs)
+            outputs = [self._shown(c) for c in out.outputs]
+            completion_tokens += sum(len(c.token_ids) for c in outputs)
             cached += out.num_cached_tokens
-            for j, c in enumerate(self._best(out.outputs)):
+            for j, c in enumerate(self._best(outputs)):
                 choices.append(self._choice(i * self.req.n + j, self.prompts[i], out, c))
         prompt_tokens = sum(len(p.token_ids) for p in self.prompts)
         return {
@@ -180,6 +192,14 @@ class _Job:
     async def _run_one(self, i: int) -> RequestOutput:
         return await run_to_end(
             self.state, self._engine_id(i), self.prompts[i], self.params, self.req.priority
+        )
+
+    def _shown(self, c: CompletionOutput) -> CompletionOutput:
+        """What the client sees of an output: nothing generated when echo_only."""
+        if not self.echo_only:
+            return c
+        return CompletionOutput(
+            c.index, cumulative_logprob=c.cumulative_logprob, finish_reason=c.finish_reason
         )
 
     def _best(self, outputs: list[CompletionOutput]) -> list[CompletionOutput]:
@@ -245,7 +265,7 @@ class _Job:
         k: int,
         offset: int,
     ) -> int:
-        token_str = self.state.token_str
+        token_str = self.state.token_namer(self.req.return_tokens_as_token_ids)
         for token_id, pos in zip(token_ids, positions, strict=False):
             chosen = pos.get(token_id) if pos else None
             text = token_str(token_id, chosen)
@@ -296,7 +316,7 @@ class _Job:
                 base = i * n
                 parts = []
                 new_tokens = 0
-                for c in out.outputs:
+                for c in map(self._shown, out.outputs):
                     new_tokens += len(c.token_ids)
                     choice = choices[base + c.index]
                     if choice.finished or not (c.text or c.token_ids or c.finish_reason):

@@ -105,6 +105,7 @@ class SamplingFields(_Request):
     prompt_logprobs: int | None = None
     truncate_prompt_tokens: int | None = None
     return_tokens_as_token_ids: bool | None = None
+    request_id: str | None = None  # the response id's tail (an X-Request-Id header wins)
 
 
 class CompletionRequest(SamplingFields):
@@ -194,6 +195,9 @@ _UNSUPPORTED_WHY = {
 
 # Integers cross to the engine as msgpack int64: anything wider is refused here.
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Lists and objects inside a field: far more than any request needs (a prompt of
+# token-id lists is 2 deep, chat content parts 3).
+MAX_NESTING = 32
 
 _PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 
@@ -218,8 +222,9 @@ def parse_request(data: dict[str, Any], schema: type[R]) -> R:
     fields = {key: value for key, value in data.items() if value is not None}
     _refuse_unsupported(fields)
     for key, value in fields.items():
-        if not _ints_in_range(value):
-            raise bad_request(f"`{key}` holds an integer outside the 64-bit range", key)
+        problem = _nesting_problem(value)
+        if problem:
+            raise bad_request(f"`{key}` {problem}", key)
     known = schema.__struct_fields__
     unknown = sorted(key for key in fields if key not in known)
     if unknown:
@@ -230,14 +235,21 @@ def parse_request(data: dict[str, Any], schema: type[R]) -> R:
         raise _as_bad_request(str(error)) from None
 
 
-def _ints_in_range(value: Any) -> bool:
-    if type(value) is int:
-        return INT64_MIN <= value <= INT64_MAX
-    if isinstance(value, list):
-        return all(_ints_in_range(v) for v in value)
-    if isinstance(value, dict):
-        return all(_ints_in_range(v) for v in value.values())
-    return True
+def _nesting_problem(value: Any) -> str | None:
+    """Why a field's value is refused before the schema sees it: an integer wider than
+    64 bits, or lists and objects nested past MAX_NESTING. Walked with a stack, not by
+    recursion: orjson accepts 1,024 levels, deeper than Python's recursion limit."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if type(item) is int and not INT64_MIN <= item <= INT64_MAX:
+            return "holds an integer outside the 64-bit range"
+        if isinstance(item, list | dict):
+            if depth >= MAX_NESTING:
+                return f"is nested deeper than {MAX_NESTING} levels"
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return None
 
 
 def _refuse_unsupported(fields: dict[str, Any]) -> None:

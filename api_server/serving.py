@@ -12,16 +12,17 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from api_server.metrics import RequestTracker, ServerMetrics
-from api_server.protocol import APIError, SamplingFields, bad_request
+from api_server.protocol import APIError, SamplingFields, bad_request, decode_json
 from engine_core.client import EngineDeadError
 from engine_core.outputs import Logprob, RequestOutput
 from engine_core.sampling_params import RequestOutputKind, SamplingParams
@@ -31,7 +32,8 @@ logger = logging.getLogger("api_server")
 
 SSE_DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {
-    "Content-Type": "text/event-stream",
+    # the charset: clients such as requests would otherwise read the stream as latin-1
+    "Content-Type": "text/event-stream; charset=utf-8",
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",  # reverse proxies must not buffer the stream
 }
@@ -39,6 +41,7 @@ SSE_HEADERS = {
 MIN_LOGPROB = -9999.0
 # Prompts longer than this (characters) are tokenized off the event loop.
 LONG_PROMPT_CHARS = 8192
+MAX_REQUEST_ID_CHARS = 256
 # The most sequences one request may ask for (n, best_of), as OpenAI's API.
 MAX_SEQUENCES = 128
 
@@ -109,11 +112,21 @@ class ServerState:
 
     # ---- prompts ------------------------------------------------------------------
     async def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return (await self.encode_all([text], add_special_tokens))[0]
+
+    async def encode_all(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+        """Token ids of each text; off the event loop when they are long together (a
+        thousand prompts of a few KB would otherwise stall every stream for seconds)."""
+        if not texts:
+            return []
         tokenizer = self.need_tokenizer("a text prompt")
-        if len(text) <= LONG_PROMPT_CHARS:
-            return tokenizer.encode(text, add_special_tokens=add_special_tokens)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, tokenizer.encode, text, add_special_tokens)
+
+        def encode() -> list[list[int]]:
+            return [tokenizer.encode(t, add_special_tokens=add_special_tokens) for t in texts]
+
+        if sum(map(len, texts)) <= LONG_PROMPT_CHARS:
+            return encode()
+        return await asyncio.get_running_loop().run_in_executor(None, encode)
 
     def check_prompt(self, prompt: Prompt, max_tokens: int | None, param: str) -> None:
         """Refuse a prompt the engine could never run, with OpenAI's wording."""
@@ -204,11 +217,15 @@ class ServerState:
             ids,
         )
 
+    def token_namer(self, as_ids: bool | None) -> Callable[[int, Logprob | None], str]:
+        """How a request shows tokens in logprobs: its return_tokens_as_token_ids, or
+        when unset the server's --return-tokens-as-token-ids."""
+        if as_ids is None:
+            as_ids = self.options.return_tokens_as_token_ids
+        return _token_id_str if as_ids else self.token_str
+
     def token_str(self, token_id: int, logprob: Logprob | None) -> str:
-        """How a token is shown in logprobs: its text, or token_id:N with
-        --return-tokens-as-token-ids."""
-        if self.options.return_tokens_as_token_ids:
-            return f"token_id:{token_id}"
+        """A token's text as logprobs show it."""
         if logprob is not None and logprob.decoded_token is not None:
             return logprob.decoded_token
         if self.tokenizer is None:
@@ -251,8 +268,14 @@ def _param_error(error: Exception) -> APIError:
     return bad_request(message, param)
 
 
-def new_request_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+def new_request_id(prefix: str, request: web.Request, given: str | None) -> str:
+    """`prefix`-<id>: the X-Request-Id header, else the body's request_id (as vLLM
+    takes them), else a fresh one. An id still in flight is refused by the engine
+    client (a 400)."""
+    chosen = request.headers.get("X-Request-Id") or given
+    if chosen is not None and not 0 < len(chosen) <= MAX_REQUEST_ID_CHARS:
+        raise bad_request(f"request_id must be 1-{MAX_REQUEST_ID_CHARS} characters", "request_id")
+    return f"{prefix}-{chosen or uuid.uuid4().hex}"
 
 
 def now_s() -> int:
@@ -276,6 +299,20 @@ async def start_sse(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
     return response
+
+
+def _token_id_str(token_id: int, logprob: Logprob | None) -> str:
+    return f"token_id:{token_id}"
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """The request's body as a JSON object, or a 400 (a body that does not match its
+    Content-Encoding, too)."""
+    try:
+        body = await request.read()
+    except RequestPayloadError as error:
+        raise bad_request(f"the request body could not be read: {error}") from None
+    return decode_json(body)
 
 
 def api_error_of(error: BaseException) -> APIError:

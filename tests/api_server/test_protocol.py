@@ -103,3 +103,21 @@ def test_any_json_object_parses_or_is_a_400(body):
             parse_request(body, schema)
         except APIError as error:
             assert error.status == 400 and error.message
+
+
+@pytest.mark.parametrize("depth", [33, 400, 1000])
+def test_deep_nesting_is_a_400_not_a_recursion_error(depth):
+    # orjson reads up to 1,024 levels; the field check must not recurse through them
+    body = decode_json(b'{"prompt": ' + b"[" * depth + b"1" + b"]" * depth + b"}")
+    error = parse_error(body)
+    assert error.param == "prompt" and "nested deeper than 32 levels" in error.message
+
+
+def test_wide_integers_are_refused_at_any_depth():
+    error = parse_error({"prompt": [[1, 2], [3, 2**63]]})
+    assert error.param == "prompt" and "64-bit" in error.message
+    error = parse_error(
+        {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"1": 2**64 - 1}},
+        ChatCompletionRequest,
+    )
+    assert error.param == "logit_bias"

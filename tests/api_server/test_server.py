@@ -230,6 +230,52 @@ def test_echo_with_logprobs(client: openai.OpenAI, server: Server):
     assert all(v is not None for v in choice.logprobs.token_logprobs[1:])
 
 
+def test_echo_without_generation_scores_the_prompt(client: openai.OpenAI, server: Server):
+    # lm-eval's loglikelihood request: echo, max_tokens 0, logprobs
+    ids = post(server, "/tokenize", {"prompt": PROMPT}).json()["tokens"]
+    scored = greedy(client, max_tokens=3, echo=True, logprobs=1).choices[0].logprobs
+    reply = greedy(client, max_tokens=0, echo=True, logprobs=1)
+    choice = reply.choices[0]
+    assert choice.text == PROMPT and choice.finish_reason == "length"
+    assert choice.logprobs.tokens == scored.tokens[: len(ids)]
+    assert choice.logprobs.token_logprobs == scored.token_logprobs[: len(ids)]
+    assert reply.usage.completion_tokens == 0
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=0, echo=True, stream=True, temperature=0
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == PROMPT
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        greedy(client, max_tokens=0)  # without echo, 0 tokens is still refused
+
+
+def test_request_field_returns_tokens_as_ids(client: openai.OpenAI, server: Server):
+    extra = {"return_tokens_as_token_ids": True}
+    reply = greedy(client, max_tokens=3, logprobs=1, extra_body=extra)
+    assert reply.choices[0].logprobs.tokens[0].startswith("token_id:")
+    chat = client.chat.completions.create(
+        model=MODEL, messages=chat_messages(), max_tokens=2, logprobs=True, extra_body=extra
+    )
+    assert chat.choices[0].logprobs.content[0].token.startswith("token_id:")
+    assert (
+        not greedy(client, max_tokens=1, logprobs=1)
+        .choices[0]
+        .logprobs.tokens[0]
+        .startswith("token_id:")
+    )
+
+
+def test_request_ids_from_the_body_or_the_header(server: Server):
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1, "request_id": "mine-1"}
+    assert post(server, "/v1/completions", body).json()["id"] == "cmpl-mine-1"
+    chat = {"model": MODEL, "messages": chat_messages(), "max_tokens": 1}
+    reply = post(server, "/v1/chat/completions", chat, headers={"X-Request-Id": "hdr-2"})
+    assert reply.json()["id"] == "chatcmpl-hdr-2"
+    too_long = post(server, "/v1/completions", {**body, "request_id": "x" * 300})
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "request_id"
+
+
 def test_echo_streams_the_prompt_first(client: openai.OpenAI):
     plain = greedy(client, max_tokens=4).choices[0].text
     chunks = list(
@@ -507,6 +553,32 @@ def test_api_key_guards_only_v1(server: Server):
     assert requests.get(server.url + "/metrics", timeout=30).status_code == 200
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.api_url, api_key="wrong", max_retries=0).models.list()
+
+
+def test_streams_declare_utf8(server: Server):
+    body = {"model": MODEL, "prompt": "Écrivez", "max_tokens": 2, "stream": True}
+    response = post(server, "/v1/completions", body)
+    assert response.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+    assert response.text.endswith("data: [DONE]\n\n")
+
+
+def test_retrieve_a_model(client: openai.OpenAI):
+    for name in SERVED_NAMES:
+        assert client.models.retrieve(name).id == name
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
+def test_undecodable_bodies_and_keys_are_not_500s(server: Server):
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    response = post(server, "/v1/completions", b"not gzip at all", headers=headers)
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "BadRequestError"
+    # a key of bytes that are not UTF-8 is a wrong key
+    response = requests.get(
+        server.api_url + "/models", headers={"Authorization": "Bearer sekr\xefit"}, timeout=30
+    )
+    assert response.status_code == 401
 
 
 def test_unknown_route_and_method(server: Server):
