@@ -34,6 +34,7 @@ from api_server.serving import (
     now_s,
     read_json,
     run_to_end,
+    salt_prompts,
     sse,
     start_sse,
     tracked_outputs,
@@ -57,6 +58,7 @@ async def create_chat_completion(state: ServerState, request: web.Request) -> we
     prompt = Prompt(text, await state.encode(text, req.add_special_tokens))
     if req.truncate_prompt_tokens is not None:
         prompt = Prompt(None, prompt.token_ids[-req.truncate_prompt_tokens :])
+    salt_prompts([prompt], req.cache_salt)
     max_tokens = _max_tokens(state, req, prompt)
     state.check_prompt(prompt, max_tokens, "messages")
     params = state.sampling_params(
@@ -197,9 +199,11 @@ class _ChatJob:
                 "finish_reason": c.finish_reason,
                 "stop_reason": c.stop_reason,
             }
+            if self.req.return_token_ids:
+                choice["token_ids"] = c.token_ids
             choices.append(choice)
         completion_tokens = sum(len(c.token_ids) for c in out.outputs)
-        return {
+        body = {
             "id": self.request_id,
             "object": "chat.completion",
             "created": self.created,
@@ -210,6 +214,9 @@ class _ChatJob:
             ),
             "system_fingerprint": None,
         }
+        if self.req.return_token_ids:
+            body["prompt_token_ids"] = self.prompt.token_ids
+        return body
 
     def _logprobs(self, c: CompletionOutput) -> dict[str, Any]:
         """OpenAI's chat logprobs: {"content": [{token, logprob, bytes, top_logprobs}]}."""
@@ -264,7 +271,10 @@ class _ChatJob:
         }
         if continuous:
             chunk["usage"] = self.state.usage(prompt_tokens, 0, 0)
+        if self.req.return_token_ids:  # vLLM's: the prompt's ids in the first chunk only
+            chunk["prompt_token_ids"] = self.prompt.token_ids
         await response.write(sse(chunk))  # the role first, before any token is ready
+        chunk.pop("prompt_token_ids", None)
         finished = [False] * n
         completion_tokens = cached = 0
         want_logprobs = self.req.logprobs
@@ -280,15 +290,16 @@ class _ChatJob:
                     if finished[c.index] or not (c.text or c.token_ids or c.finish_reason):
                         continue
                     finished[c.index] = c.finish_reason is not None
-                    parts.append(
-                        {
-                            "index": c.index,
-                            "delta": {"content": c.text} if c.text else {},
-                            "logprobs": self._logprobs(c) if want_logprobs else None,
-                            "finish_reason": c.finish_reason,
-                            "stop_reason": c.stop_reason,
-                        }
-                    )
+                    part = {
+                        "index": c.index,
+                        "delta": {"content": c.text} if c.text else {},
+                        "logprobs": self._logprobs(c) if want_logprobs else None,
+                        "finish_reason": c.finish_reason,
+                        "stop_reason": c.stop_reason,
+                    }
+                    if self.req.return_token_ids:
+                        part["token_ids"] = c.token_ids
+                    parts.append(part)
                 completion_tokens += new_tokens
                 if out.finished:
                     cached = out.num_cached_tokens

@@ -35,6 +35,7 @@ from api_server.serving import (
     now_s,
     read_json,
     run_to_end,
+    salt_prompts,
     sse,
     start_sse,
     tracked_outputs,
@@ -54,6 +55,7 @@ async def create_completion(state: ServerState, request: web.Request) -> web.Str
     _check_options(req)
     state.check_alive()
     prompts = await _prompts(state, req)
+    salt_prompts(prompts, req.cache_salt)
     for prompt in prompts:
         state.check_prompt(prompt, req.max_tokens, "prompt")
     params = _sampling_params(state, req)
@@ -226,6 +228,9 @@ class _Job:
         }
         if self.req.prompt_logprobs is not None:
             choice["prompt_logprobs"] = _prompt_logprobs(out)
+        if self.req.return_token_ids:
+            choice["prompt_token_ids"] = prompt.token_ids
+            choice["token_ids"] = c.token_ids
         return choice
 
     def _prompt_text(self, prompt: Prompt) -> str:
@@ -350,17 +355,22 @@ class _Job:
         logprobs = None
         if self.req.logprobs is not None:
             logprobs = self._logprobs(choice.prompt, out, c, choice.text_offset, echo_prompt)
-        choice.started = True
-        choice.text_offset += len(text)
-        if c.finish_reason is not None:
-            choice.finished = True
-        return {
+        part: dict[str, Any] = {
             "index": index,
             "text": text,
             "logprobs": logprobs,
             "finish_reason": c.finish_reason,
             "stop_reason": c.stop_reason,
         }
+        if self.req.return_token_ids:  # vLLM's: the prompt's ids in a choice's first chunk
+            if not choice.started:
+                part["prompt_token_ids"] = choice.prompt.token_ids
+            part["token_ids"] = c.token_ids
+        choice.started = True
+        choice.text_offset += len(text)
+        if c.finish_reason is not None:
+            choice.finished = True
+        return part
 
     def _outputs(self) -> AsyncGenerator[tuple[int, RequestOutput], None]:
         """(prompt index, output) of every engine output, prompts interleaved."""

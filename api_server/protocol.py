@@ -106,6 +106,8 @@ class SamplingFields(_Request):
     truncate_prompt_tokens: int | None = None
     return_tokens_as_token_ids: bool | None = None
     request_id: str | None = None  # the response id's tail (an X-Request-Id header wins)
+    return_token_ids: bool = False  # token ids beside the text (prompt and completion)
+    cache_salt: str | None = None  # prefix-cache blocks are shared only under one salt
 
 
 class CompletionRequest(SamplingFields):

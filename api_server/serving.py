@@ -64,13 +64,18 @@ class ServerOptions:
 
 @dataclass
 class Prompt:
-    """One prompt as the engine takes it: its text (None for token ids) and its ids."""
+    """One prompt as the engine takes it: its text (None for token ids), its ids, and
+    the request's cache_salt."""
 
     text: str | None
     token_ids: list[int]
+    cache_salt: str | None = None
 
     def as_engine_input(self) -> dict[str, Any]:
-        return {"prompt": self.text, "prompt_token_ids": self.token_ids}
+        engine_input: dict[str, Any] = {"prompt": self.text, "prompt_token_ids": self.token_ids}
+        if self.cache_salt is not None:
+            engine_input["cache_salt"] = self.cache_salt
+        return engine_input
 
 
 class ServerState:
@@ -299,6 +304,16 @@ async def start_sse(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
     return response
+
+
+def salt_prompts(prompts: list[Prompt], salt: str | None) -> None:
+    """Give the request's prompts its cache_salt (vLLM's field)."""
+    if salt is None:
+        return
+    if not salt:
+        raise bad_request("cache_salt must be a non-empty string", "cache_salt")
+    for prompt in prompts:
+        prompt.cache_salt = salt
 
 
 def _token_id_str(token_id: int, logprob: Logprob | None) -> str:

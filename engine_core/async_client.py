@@ -157,7 +157,8 @@ class AsyncEngineClient:
         if self._dead is not None:
             raise EngineDeadError(self._dead)
         text, ids = self.inputs.tokenize(prompt)
-        queue = self._add(request_id, text, ids, params, priority)
+        salt = self.inputs.cache_salt(prompt)
+        queue = self._add(request_id, text, ids, params, priority, salt)
         finished = False
         try:
             while True:
@@ -174,11 +175,11 @@ class AsyncEngineClient:
                 self._abort_now(request_id)
             self._core_of.pop(request_id, None)
 
-    def _add(self, request_id, text, ids, params, priority) -> asyncio.Queue:
+    def _add(self, request_id, text, ids, params, priority, salt=None) -> asyncio.Queue:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.inputs.check_token_ids(ids)
-        requests = self.inputs.make_requests(request_id, ids, params, priority)
+        requests = self.inputs.make_requests(request_id, ids, params, priority, cache_salt=salt)
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
         self.outputs.add_request(request_id, text, ids, params)

@@ -66,13 +66,17 @@ class LLM:
     def _add(self, prompt: PromptType, params: SamplingParams | None, priority: int) -> str:
         text, prompt_ids = self.inputs.tokenize(prompt)
         self.inputs.check_token_ids(prompt_ids)
+        salt = self.inputs.cache_salt(prompt)
         params = self.inputs.resolve_params(params, len(prompt_ids))
         params = msgspec.structs.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
         number = next(self._ids)
         request_id = str(number)
         self.outputs.add_request(request_id, text, prompt_ids, params)
         arrival = float(number) if self._lockstep else None
-        for req in self.inputs.make_requests(request_id, prompt_ids, params, priority, arrival):
+        requests = self.inputs.make_requests(
+            request_id, prompt_ids, params, priority, arrival, cache_salt=salt
+        )
+        for req in requests:
             self.engine.add_request(req)
         return request_id
 

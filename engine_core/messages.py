@@ -37,6 +37,7 @@ class EngineCoreRequest(_Msg, tag=True):
     ignore_eos: bool = False
     arrival_time: float = 0.0
     priority: int = 0
+    cache_salt: str | None = None  # salts the prefix-cache hashes (tenant isolation)
 
 
 class AbortRequests(_Msg, tag=True):

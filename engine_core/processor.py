@@ -61,6 +61,14 @@ class InputProcessor:
             f"a prompt is a string, a list of token ids or a dict, not {type(prompt).__name__}"
         )
 
+    @staticmethod
+    def cache_salt(prompt: PromptType) -> str | None:
+        """A dict prompt's cache_salt (vLLM's key): a non-empty string, or None."""
+        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        if salt is not None and not (isinstance(salt, str) and salt):
+            raise ValueError(f"cache_salt must be a non-empty string, got {salt!r}")
+        return salt
+
     def check_token_ids(self, ids: list[int]) -> None:
         """Refuse a prompt the engine could never run (the core checks again)."""
         if not ids:
@@ -105,6 +113,7 @@ class InputProcessor:
         params: SamplingParams,
         priority: int = 0,
         arrival_time: float | None = None,
+        cache_salt: str | None = None,
     ) -> list[EngineCoreRequest]:
         max_model_len = self.config.model.max_model_len
         max_tokens = params.max_tokens
@@ -128,6 +137,7 @@ class InputProcessor:
                     params.ignore_eos,
                     arrival,
                     priority,
+                    cache_salt,
                 )
             )
         return requests

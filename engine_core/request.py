@@ -29,6 +29,7 @@ class Request:
         "ignore_eos",
         "arrival_time",
         "priority",
+        "cache_salt",
         "status",
         "num_computed_tokens",
         "num_cached_tokens",
@@ -49,6 +50,7 @@ class Request:
         ignore_eos: bool = False,
         arrival_time: float = 0.0,
         priority: int = 0,
+        cache_salt: str | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
@@ -60,6 +62,7 @@ class Request:
         self.ignore_eos = ignore_eos
         self.arrival_time = arrival_time
         self.priority = priority
+        self.cache_salt = cache_salt
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = -1  # prefix-cache hits at first scheduling; -1 = not yet
@@ -82,6 +85,7 @@ class Request:
             msg.ignore_eos,
             msg.arrival_time,
             msg.priority,
+            msg.cache_salt,
         )
 
     @property

@@ -50,6 +50,11 @@ class KVRequest(Protocol):
         """True when every prompt token must be computed (prompt logprobs)."""
         ...
 
+    @property
+    def cache_salt(self) -> str | None:
+        """Shares cached blocks only with requests of the same salt."""
+        ...
+
 
 @dataclass(slots=True)
 class _Table:
@@ -140,7 +145,8 @@ class KVCacheManager:
         if not self.enable_prefix_caching or request.skip_prefix_cache:
             return [], 0
         max_blocks = (request.num_tokens - 1) // self.block_size
-        block_ids, hashes = self.cache.lookup(request.all_token_ids, max_blocks)
+        root = self.cache.salt_root(request.cache_salt)
+        block_ids, hashes = self.cache.lookup(request.all_token_ids, max_blocks, root=root)
         self._last_lookup = _Lookup(request.request_id, block_ids, hashes)
         num_hit_tokens = len(block_ids) * self.block_size
         self.cache.record(request.num_tokens, num_hit_tokens)
@@ -265,16 +271,17 @@ class KVCacheManager:
         ):
             hashes = last.hashes[:num]
         else:
-            hashes = self._hash_blocks(request.all_token_ids, num)
+            hashes = self._hash_blocks(request, num)
         for block_id, block_hash in zip(computed_blocks, hashes, strict=True):
             if self.cache.hash_of(block_id) != block_hash:
                 raise ValueError(f"block {block_id} no longer caches the request's prefix")
         return hashes
 
-    def _hash_blocks(self, token_ids: Sequence[int], num_blocks: int) -> list[BlockHash]:
-        """Chained hashes of the first `num_blocks` full blocks of `token_ids`."""
+    def _hash_blocks(self, request: KVRequest, num_blocks: int) -> list[BlockHash]:
+        """Chained hashes of the request's first `num_blocks` full blocks."""
+        token_ids = request.all_token_ids
         hashes: list[BlockHash] = []
-        parent: BlockHash | None = None
+        parent = self.cache.salt_root(request.cache_salt)
         for index in range(num_blocks):
             parent = self.cache.hash_block(parent, self.cache.block_tokens(token_ids, index))
             hashes.append(parent)
@@ -286,8 +293,9 @@ class KVCacheManager:
         if num_full <= len(table.hashes):
             return
         tokens: Sequence[int] = table.request.all_token_ids
+        request_salt = table.request.cache_salt
         for index in range(len(table.hashes), num_full):
-            parent = table.hashes[-1] if table.hashes else None
+            parent = table.hashes[-1] if table.hashes else self.cache.salt_root(request_salt)
             block_hash = self.cache.hash_block(parent, self.cache.block_tokens(tokens, index))
             table.hashes.append(block_hash)
             # False when another block already holds this content: ours stays plain.
@@ -335,7 +343,7 @@ class KVCacheManager:
         assert len(table.hashes) <= min(len(block_ids), request.num_tokens // self.block_size), (
             f"{request_id}: {len(table.hashes)} hashes for {len(block_ids)} blocks"
         )
-        expected = self._hash_blocks(request.all_token_ids, len(table.hashes))
+        expected = self._hash_blocks(request, len(table.hashes))
         assert table.hashes == expected, f"{request_id}: block hashes disagree with its tokens"
         for block_id, block_hash in zip(block_ids, table.hashes, strict=False):
             cached = self.cache.hash_of(block_id)

@@ -93,23 +93,35 @@ class PrefixCache:
     ) -> BlockHash:
         return self._hash_fn(parent, token_ids, extra_keys)
 
+    def salt_root(self, salt: str | None) -> BlockHash | None:
+        """The parent of a salted request's first block: requests of another salt (or
+        none) never share a block with it, since every hash chains from its first."""
+        if salt is None:
+            return None
+        return self._hash_fn(None, (), ("cache_salt", salt))  # no real block is empty
+
     def block_tokens(self, token_ids: Sequence[int], index: int) -> Sequence[int]:
         """The tokens of full block `index` of a token sequence."""
         start = index * self.block_size
         return token_ids[start : start + self.block_size]
 
     def lookup(
-        self, token_ids: Sequence[int], max_blocks: int, extra_keys: ExtraKeys = ()
+        self,
+        token_ids: Sequence[int],
+        max_blocks: int,
+        extra_keys: ExtraKeys = (),
+        root: BlockHash | None = None,
     ) -> tuple[list[int], list[BlockHash]]:
         """Cached blocks of the longest prefix of `token_ids`, at most `max_blocks` of them.
 
         Walks the full blocks from the start and stops at the first miss, so it
-        hashes at most one block more than it finds. Returns (block ids, hashes).
+        hashes at most one block more than it finds. `root` is the first block's
+        parent (a salt's root, see salt_root). Returns (block ids, hashes).
         """
         max_blocks = min(max_blocks, len(token_ids) // self.block_size)
         block_ids: list[int] = []
         hashes: list[BlockHash] = []
-        parent: BlockHash | None = None
+        parent: BlockHash | None = root
         for index in range(max_blocks):
             parent = self._hash_fn(parent, self.block_tokens(token_ids, index), extra_keys)
             block_id = self._block_of.get(parent)

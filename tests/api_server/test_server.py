@@ -266,6 +266,43 @@ def test_request_field_returns_tokens_as_ids(client: openai.OpenAI, server: Serv
     )
 
 
+def sse_events(response: requests.Response) -> list[dict]:
+    lines = [line for line in response.text.split("\n") if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line[len("data: ") :]) for line in lines[:-1]]
+
+
+def test_return_token_ids(server: Server):
+    ids = post(server, "/tokenize", {"prompt": PROMPT}).json()["tokens"]
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "temperature": 0}
+    body["return_token_ids"] = True
+    choice = post(server, "/v1/completions", body).json()["choices"][0]
+    assert choice["prompt_token_ids"] == ids and len(choice["token_ids"]) == 4
+    text = post(server, "/detokenize", {"tokens": choice["token_ids"]}).json()["prompt"]
+    assert text == choice["text"]
+    events = sse_events(post(server, "/v1/completions", {**body, "stream": True}))
+    assert [e["choices"][0].get("prompt_token_ids") for e in events][:1] == [ids]
+    assert all("prompt_token_ids" not in e["choices"][0] for e in events[1:])
+    assert sum((e["choices"][0]["token_ids"] for e in events), []) == choice["token_ids"]
+
+    chat = {"model": MODEL, "messages": chat_messages(), "max_tokens": 3, "temperature": 0}
+    chat["return_token_ids"] = True
+    whole = post(server, "/v1/chat/completions", chat).json()
+    assert len(whole["prompt_token_ids"]) > len(ids)
+    assert len(whole["choices"][0]["token_ids"]) == 3
+    events = sse_events(post(server, "/v1/chat/completions", {**chat, "stream": True}))
+    assert events[0]["prompt_token_ids"] == whole["prompt_token_ids"]
+    assert all("prompt_token_ids" not in e for e in events[1:])
+    streamed = sum((c.get("token_ids", []) for e in events for c in e["choices"]), [])
+    assert streamed == whole["choices"][0]["token_ids"]
+    assert (
+        "token_ids"
+        not in post(server, "/v1/completions", {**body, "return_token_ids": False}).json()[
+            "choices"
+        ][0]
+    )
+
+
 def test_request_ids_from_the_body_or_the_header(server: Server):
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1, "request_id": "mine-1"}
     assert post(server, "/v1/completions", body).json()["id"] == "cmpl-mine-1"
@@ -327,6 +364,23 @@ def test_cached_tokens_reported(client: openai.OpenAI):
     greedy(client, prompt=prompt, max_tokens=1)
     again = greedy(client, prompt=prompt, max_tokens=1)
     assert again.usage.prompt_tokens_details.cached_tokens >= 16
+
+
+def test_cache_salt_keeps_tenants_apart(client: openai.OpenAI, server: Server):
+    prompt = "Another long prefix, this one salted. " * 8
+
+    def cached(salt: str | None) -> int:
+        extra = {} if salt is None else {"cache_salt": salt}
+        reply = greedy(client, prompt=prompt, max_tokens=1, extra_body=extra)
+        return reply.usage.prompt_tokens_details.cached_tokens
+
+    assert cached("tenant-a") == 0
+    assert cached("tenant-b") == 0  # a's blocks are not b's
+    assert cached(None) == 0  # nor the unsalted requests'
+    assert cached("tenant-a") >= 16  # a's own blocks still hit
+    chat = {"model": MODEL, "messages": chat_messages(), "max_tokens": 1, "cache_salt": ""}
+    response = post(server, "/v1/chat/completions", chat)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "cache_salt"
 
 
 # ---- chat -------------------------------------------------------------------------------

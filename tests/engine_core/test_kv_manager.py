@@ -29,6 +29,7 @@ class FakeRequest:
     all_token_ids: list[int]
     num_computed_tokens: int = 0
     skip_prefix_cache: bool = False
+    cache_salt: str | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -261,6 +262,23 @@ def test_full_hit_keeps_the_last_token_uncomputed(hash_algo: str) -> None:
     manager.check_integrity()
     one_token = make_request("c", [0])
     assert manager.get_computed_blocks(one_token) == ([], 0)
+
+
+@pytest.mark.parametrize("hash_algo", ["builtin", "sha256"])
+def test_a_cache_salt_shares_blocks_only_with_its_own(hash_algo: str) -> None:
+    manager = make_manager(num_blocks=16, hash_algo=hash_algo)
+    prompt = list(range(9))  # 2 full blocks + 1 token
+    for rid, salt in [("plain", None), ("a1", "tenant-a"), ("b1", "tenant-b")]:
+        request = make_request(rid, prompt)
+        request.cache_salt = salt
+        assert admit(manager, request)[:2] == ([], 0)  # nobody else's blocks
+        finish_step(request)
+    again = make_request("a2", prompt)
+    again.cache_salt = "tenant-a"
+    hits, num_hit_tokens, _ = admit(manager, again)
+    assert num_hit_tokens == 8 and hits == manager.get_block_ids("a1")[:2]
+    assert admit(manager, make_request("plain2", prompt))[0] == manager.get_block_ids("plain")[:2]
+    manager.check_integrity()  # recomputes every table's salted hashes
 
 
 def hit_pattern(hash_algo: str) -> list[tuple[list[int], int, list[int]]]:

@@ -109,6 +109,14 @@ def test_prefix_cache_hits_are_reported(llama):
     assert second.outputs[0].token_ids == first.outputs[0].token_ids
     assert llm.reset_prefix_cache()
     assert llm.generate([prompt], params)[0].num_cached_tokens == 0
+    # vLLM's cache_salt key of a prompt dict: blocks are shared only under one salt
+    salted = {"prompt_token_ids": prompt, "cache_salt": "tenant"}
+    assert llm.generate([salted], params)[0].num_cached_tokens == 0
+    again = llm.generate([salted], params)[0]
+    assert again.num_cached_tokens == 48
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+    with pytest.raises(ValueError, match="cache_salt"):
+        llm.generate([{**salted, "cache_salt": 5}], params)
 
 
 def test_sampling_features_end_to_end(llama):
