@@ -10,7 +10,7 @@ import pytest
 from engine_core import LLM, SamplingParams
 from engine_core.config import ADMISSION_HORIZON_ENV
 from tests.helpers.reference import hf_greedy, load_hf_model
-from tests.helpers.tiny_models import make_tiny_model, smollm2_gguf_path
+from tests.helpers.tiny_models import SMOLLM2_PROMPTS, make_tiny_model, smollm2_reference
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "opt", "gpt2"]
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -60,12 +60,9 @@ def test_block_sizes_give_the_tokens_of_transformers(block_size, tmp_path):
 @pytest.mark.slow
 def test_smollm2_gguf_matches_transformers():
     llm = LLM("tessera/smollm2-135m-instruct", max_model_len=512)
-    tok = llm.get_tokenizer()
-    texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there"]
-    prompts = [tok.encode(t) for t in texts]
+    prompts = [list(p) for p in SMOLLM2_PROMPTS]
     got = token_ids(llm.generate(prompts, SamplingParams(max_tokens=32, **GREEDY)))
-    want = hf_greedy(load_hf_model(smollm2_gguf_path()), prompts, 32)
-    assert got == want
+    assert got == smollm2_reference(SMOLLM2_PROMPTS, 32)
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,7 @@ from executor.models.registry import (
 from executor.rope_config import rope_settings
 from kernels.dispatch import interpreting
 from tests.helpers.tiny_models import (
+    SMOLLM2_PROMPTS,
     PagedRunner,
     attention_metadata,
     greedy_generate,
@@ -45,6 +46,7 @@ from tests.helpers.tiny_models import (
     make_kv_caches,
     make_tiny_model,
     smollm2_models,
+    smollm2_reference,
     tiny_hf_config,
 )
 
@@ -65,13 +67,6 @@ PROMPTS = [
     [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13, 198, 40, 588, 11],
     [15496, 995],
     [1, 2, 3, 4, 5, 6, 7, 8, 9],
-]
-# SmolLM2 token ids of "The capital of France is", "def fibonacci(n):\n" and
-# "Once upon a time, in a small village,".
-SMOLLM2_PROMPTS = [
-    [504, 3575, 282, 4649, 314],
-    [1604, 3987, 46477, 24, 94, 727, 198],
-    [6403, 1980, 253, 655, 28, 281, 253, 1165, 6560, 28],
 ]
 # Logit gap between the greedy token and the runner-up below which float rounding
 # could decide a tie; the tiny models are scaled to stay far above it.
@@ -123,9 +118,8 @@ def test_greedy_tokens_equal_transformers(tiny: tuple[str, Path]) -> None:
 def test_smollm2_gguf_greedy_tokens_equal_transformers() -> None:
     ours, hf_model = smollm2_models()
     hf_config = json.loads(hf_model.config.to_json_string())
-    got = greedy_generate(ours, hf_config, SMOLLM2_PROMPTS, max_new_tokens=32)
-    want = hf_greedy_generate(hf_model, SMOLLM2_PROMPTS, max_new_tokens=32)
-    assert got.tokens == want
+    got = greedy_generate(ours, hf_config, [list(p) for p in SMOLLM2_PROMPTS], max_new_tokens=32)
+    assert got.tokens == smollm2_reference(SMOLLM2_PROMPTS, 32)
 
 
 def test_mistral_sliding_window_changes_tokens(tmp_path: Path) -> None:

@@ -205,16 +205,28 @@ def count_in_flight(core: Any, most: list[int]) -> None:
     core.executor.collect = counting_collect
 
 
+_REFERENCES: dict[tuple[str, str, int], list[list[int]]] = {}
+
+
 def reference(path: str, ps: list[list[int]], max_tokens: int, monkeypatch) -> list[list[int]]:
-    tokens, _ = generate(
-        path, ps, max_tokens, monkeypatch, True, distributed_executor_backend="uni"
-    )
-    return tokens
+    """One uni worker's tokens, computed once per model, prompts and length."""
+    key = (path, repr(ps), max_tokens)
+    if key not in _REFERENCES:
+        _REFERENCES[key], _ = generate(
+            path, ps, max_tokens, monkeypatch, True, distributed_executor_backend="uni"
+        )
+    return _REFERENCES[key]
 
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {arch: str(make_tiny_model(tmp_path_factory.mktemp(arch), arch)) for arch in TINY_ARCHS}
+
+
+# TP x PP only changes how ranks group, not what a layer computes: three layouts of
+# attention and MLP (GQA with SwiGLU, q/k norms, learned positions with GELU) cover it;
+# every architecture runs with PP alone and, in test_tensor_parallel, with TP alone.
+TP_PP_ARCHS = ("llama", "qwen3", "gpt2")
 
 
 @pytest.mark.slow
@@ -223,6 +235,8 @@ def test_pipeline_equals_one_worker(tp, pp, tiny_models, monkeypatch, no_leftove
     # 5 requests: micro-batches of 3 and 2 run in the two stages at once
     ps = prompts(5, seed=4)
     for arch, path in tiny_models.items():
+        if tp > 1 and arch not in TP_PP_ARCHS:
+            continue
         want = reference(path, ps, 12, monkeypatch)
         got, most_in_flight = generate(
             path, ps, 12, monkeypatch, True, tensor_parallel_size=tp, pipeline_parallel_size=pp

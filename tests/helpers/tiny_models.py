@@ -348,6 +348,24 @@ def hf_greedy_generate(
     return out
 
 
+# SmolLM2 token ids of "The capital of France is", "def fibonacci(n):\n" and
+# "Once upon a time, in a small village,".
+SMOLLM2_PROMPTS = (
+    (504, 3575, 282, 4649, 314),
+    (1604, 3987, 46477, 24, 94, 727, 198),
+    (6403, 1980, 253, 655, 28, 281, 253, 1165, 6560, 28),
+)
+
+
+@functools.lru_cache(maxsize=4)
+def smollm2_reference(
+    prompts: tuple[tuple[int, ...], ...] = SMOLLM2_PROMPTS, max_new_tokens: int = 32
+) -> list[list[int]]:
+    """transformers' greedy tokens for SmolLM2, computed once per process (loading its
+    GGUF through transformers takes tens of seconds on two cores)."""
+    return hf_greedy_generate(smollm2_models()[1], prompts, max_new_tokens)
+
+
 @functools.lru_cache(maxsize=1)
 def smollm2_models() -> tuple[torch.nn.Module, Any]:
     """SmolLM2 from its GGUF, once per process: (ours via load_model, transformers')."""
