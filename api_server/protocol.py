@@ -183,6 +183,9 @@ UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
     "guided_regex": (),
     "guided_choice": (),
     "guided_grammar": (),
+    # vLLM's beam search fields, which its clients send with their neutral values
+    "use_beam_search": (False,),
+    "length_penalty": (1.0,),
 }
 
 _UNSUPPORTED_WHY = {
@@ -193,6 +196,8 @@ _UNSUPPORTED_WHY = {
     "response_format": "structured output is not supported; only {'type': 'text'}",
     "modalities": "only text output is supported",
     "audio": "audio output is not supported",
+    "use_beam_search": "beam search is not supported",
+    "length_penalty": "it applies to beam search, which is not supported",
 }
 
 # Integers cross to the engine as msgpack int64: anything wider is refused here.

@@ -63,6 +63,15 @@ def test_unsupported_fields_pass_with_their_neutral_value():
     assert error.param == "response_format" and "structured output" in error.message
 
 
+@pytest.mark.parametrize("schema", [CompletionRequest, ChatCompletionRequest])
+def test_beam_search_fields_pass_only_when_neutral(schema):
+    body = {"prompt": "x", "messages": [{"role": "user", "content": "hi"}]}
+    body = {k: v for k, v in body.items() if k in schema.__struct_fields__}
+    parse_request({**body, "use_beam_search": False, "length_penalty": 1.0}, schema)
+    assert "beam search" in parse_error({**body, "use_beam_search": True}, schema).message
+    assert parse_error({**body, "length_penalty": 0.5}, schema).param == "length_penalty"
+
+
 def test_messages_are_checked():
     error = parse_error({"messages": [{"role": "user", "content": 5}]}, ChatCompletionRequest)
     assert error.param == "messages"
