@@ -8,20 +8,34 @@ print(outs[0].outputs[0].text)
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
 from engine_core.args import EngineArgs
-from engine_core.client import make_sync_client
+from engine_core.client import EngineDeadError, make_sync_client
 from engine_core.config import resolve_config
+from engine_core.messages import EngineCoreRequest
 from engine_core.output_processor import OutputProcessor
 from engine_core.outputs import RequestOutput
 from engine_core.processor import InputProcessor, PromptType
 from engine_core.sampling_params import RequestOutputKind, SamplingParams
 from engine_core.tokenizer import Tokenizer
+
+
+@dataclass
+class _Job:
+    """One prompt, checked and made into engine requests, not yet sent."""
+
+    request_id: str
+    text: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    requests: list[EngineCoreRequest]
 
 
 class LLM:
@@ -53,17 +67,27 @@ class LLM:
         use_tqdm: bool = True,
         priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt; outputs come back in the order of the prompts."""
+        """Generate for every prompt; outputs come back in the order of the prompts.
+
+        Every prompt is checked before any is sent, so a bad one raises with nothing
+        running; an error or Ctrl-C while they run aborts what is left of them.
+        """
         prompt_list = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompt_list))
-        ids = [
-            self._add(p, sp, priority[i] if priority else 0)
-            for i, (p, sp) in enumerate(zip(prompt_list, params, strict=True))
-        ]
-        finished = self._run(len(ids), use_tqdm)
-        return [finished[i] for i in ids]
+        priorities = _as_priorities(priority, len(prompt_list))
+        jobs = [self._prepare(*job) for job in zip(prompt_list, params, priorities, strict=True)]
+        sent: list[str] = []
+        try:
+            for job in jobs:
+                self._send(job)
+                sent.append(job.request_id)
+            finished = self._run(len(jobs), use_tqdm)
+        except BaseException:
+            self._abort(sent)
+            raise
+        return [finished[job.request_id] for job in jobs]
 
-    def _add(self, prompt: PromptType, params: SamplingParams | None, priority: int) -> str:
+    def _prepare(self, prompt: PromptType, params: SamplingParams | None, priority: int) -> _Job:
         text, prompt_ids = self.inputs.tokenize(prompt)
         self.inputs.check_token_ids(prompt_ids)
         salt = self.inputs.cache_salt(prompt)
@@ -71,14 +95,24 @@ class LLM:
         params = msgspec.structs.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
         number = next(self._ids)
         request_id = str(number)
-        self.outputs.add_request(request_id, text, prompt_ids, params)
         arrival = float(number) if self._lockstep else None
         requests = self.inputs.make_requests(
             request_id, prompt_ids, params, priority, arrival, cache_salt=salt
         )
-        for req in requests:
+        return _Job(request_id, text, prompt_ids, params, requests)
+
+    def _send(self, job: _Job) -> None:
+        self.outputs.add_request(job.request_id, job.text, job.prompt_ids, job.params)
+        for req in job.requests:
             self.engine.add_request(req)
-        return request_id
+
+    def _abort(self, request_ids: list[str]) -> None:
+        """Forget these requests here and stop them in the engine (the next generate
+        would wait for them otherwise)."""
+        core_ids = [rid for request_id in request_ids for rid in self.outputs.abort(request_id)]
+        if core_ids:
+            with contextlib.suppress(EngineDeadError):  # a dead engine runs nothing
+                self.engine.abort(core_ids)
 
     def _run(self, total: int, use_tqdm: bool) -> dict[str, RequestOutput]:
         finished: dict[str, RequestOutput] = {}
@@ -178,6 +212,16 @@ def _as_params_list(params, n: int) -> list[SamplingParams | None]:
     if len(params) != n:
         raise ValueError(f"{len(params)} sampling params for {n} prompts")
     return list(params)
+
+
+def _as_priorities(priority: Sequence[int] | None, n: int) -> list[int]:
+    if priority is None:
+        return [0] * n
+    if len(priority) != n:
+        raise ValueError(f"{len(priority)} priorities for {n} prompts")
+    if not all(isinstance(p, int) and not isinstance(p, bool) for p in priority):
+        raise TypeError(f"priorities must be integers, got {list(priority)!r}")
+    return list(priority)
 
 
 def _progress(total: int, use_tqdm: bool):

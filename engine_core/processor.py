@@ -6,6 +6,7 @@ requests in the core (`{id}-{i}`); with prefix caching they share the prompt blo
 
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -46,8 +47,9 @@ class InputProcessor:
         """(prompt text or None, prompt token ids)."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
-                ids: list[int] = list(prompt["prompt_token_ids"])
-                return prompt.get("prompt"), ids
+                return prompt.get("prompt"), _token_ids(prompt["prompt_token_ids"])
+            if "prompt" not in prompt:
+                raise ValueError("a prompt dict needs a 'prompt' or 'prompt_token_ids' key")
             prompt = prompt["prompt"]
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -55,8 +57,8 @@ class InputProcessor:
                     "text prompts need a tokenizer (the engine runs with --skip-tokenizer-init)"
                 )
             return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
-            return None, [int(t) for t in prompt]
+        if isinstance(prompt, Sequence) or hasattr(prompt, "__array__"):  # numpy arrays too
+            return None, _token_ids(prompt)
         raise TypeError(
             f"a prompt is a string, a list of token ids or a dict, not {type(prompt).__name__}"
         )
@@ -141,6 +143,22 @@ class InputProcessor:
                 )
             )
         return requests
+
+
+def _token_ids(values: Any) -> list[int]:
+    """Token ids as Python ints (numpy integers too, through __index__); bools, floats
+    and strings are refused: they would reach the engine's messages and fail there."""
+    if isinstance(values, str | bytes | dict) or not hasattr(values, "__iter__"):
+        raise TypeError(f"token ids must be a sequence of integers, not {type(values).__name__}")
+    ids = []
+    for value in values:
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            ids.append(operator.index(value))
+        except TypeError:
+            raise TypeError(f"token ids must be integers, got {value!r}") from None
+    return ids
 
 
 def _replace_seed(options, seed: int):

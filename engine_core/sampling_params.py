@@ -241,6 +241,12 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         _require(self.temperature >= 0, "temperature", "must be >= 0", self.temperature)
         _require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
         _require(self.top_k >= 0, "top_k", "must be -1 (off), 0 (off) or >= 1", self.top_k)
+        _require(
+            self.seed is None or -(2**63) <= self.seed < 2**64,
+            "seed",
+            "must fit in 64 bits",
+            self.seed,
+        )
         _check_range("min_p", self.min_p, 0.0, 1.0)
         self._check_lengths()
         for name in ("logprobs", "prompt_logprobs"):

@@ -180,3 +180,72 @@ def test_fp8_kv_cache_keeps_peaked_greedy_tokens(llama):
     llm.shutdown()
     assert dtype == "torch.float8_e4m3fn"
     assert [t[:4] for t in token_ids(outs)] == [t[:4] for t in base]
+
+
+# ---- bad input and interruptions leave the LLM usable ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prompt, params",
+    [
+        ({"prompt_token_ids": [True, 5]}, {}),
+        ({"prompt_token_ids": [1.5]}, {}),
+        ({"prompt_token_ids": "abc"}, {}),
+        ({"text": "no prompt key"}, {}),
+        ([1, 2, 3], {"seed": 2**70}),
+    ],
+)
+def test_bad_prompts_raise_and_send_nothing(llama, prompt, params):
+    llm = LLM(llama, max_model_len=256)
+    good = [5, 6, 7]
+    with pytest.raises((TypeError, ValueError)):
+        llm.generate([good, prompt], SamplingParams(max_tokens=2, **params), use_tqdm=False)
+    assert not llm.outputs.has_unfinished() and not llm.engine.core.has_work()
+    assert len(llm.generate([good], SamplingParams(max_tokens=2), use_tqdm=False)) == 1
+    with pytest.raises((TypeError, ValueError)):
+        llm.generate([good, good], SamplingParams(max_tokens=2), priority=[0])
+    with pytest.raises(TypeError):
+        llm.generate([good], SamplingParams(max_tokens=2), priority=["x"])
+    llm.shutdown()
+
+
+def test_numpy_token_ids_are_token_ids(llama):
+    np = pytest.importorskip("numpy")
+    llm = LLM(llama, max_model_len=256)
+    params = SamplingParams(max_tokens=4, **GREEDY)
+    ids = [11, 12, 13, 14]
+    want = token_ids(llm.generate([ids], params))
+    got = llm.generate([{"prompt_token_ids": np.array(ids)}, np.array(ids, dtype=np.int32)], params)
+    assert token_ids(got) == want * 2
+    llm.shutdown()
+
+
+def test_an_interrupted_generate_aborts_its_requests(llama, monkeypatch):
+    llm = LLM(llama, max_model_len=256)
+    steps = llm.engine.get_outputs
+
+    def interrupted():
+        steps()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llm.engine, "get_outputs", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([[5, 6, 7]] * 3, SamplingParams(max_tokens=200, **GREEDY), use_tqdm=False)
+    monkeypatch.undo()
+    # the 200-token requests are gone: the next call runs its own request only
+    assert not llm.outputs.has_unfinished()
+    out = llm.generate([[8, 9]], SamplingParams(max_tokens=1), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 1 and not llm.engine.core.has_work()
+    llm.shutdown()
+
+
+@pytest.mark.slow
+def test_bad_token_ids_do_not_wedge_the_engine_process(llama, monkeypatch):
+    # the engine core in its own process: a bad id used to be dropped there as a
+    # malformed frame, and generate waited for it forever
+    monkeypatch.setenv("TESSERA_ENABLE_MULTIPROCESSING", "1")
+    with LLM(llama, max_model_len=256) as llm:
+        with pytest.raises(TypeError):
+            llm.generate([{"prompt_token_ids": [True, 5]}], SamplingParams(max_tokens=2))
+        out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2), use_tqdm=False)
+        assert len(out[0].outputs[0].token_ids) == 2
