@@ -71,9 +71,9 @@ from engine_core.args import (
 )
 from engine_core.config_cache import folder_hf_config, generation_config, gguf_hf_config
 from engine_core.cuda_devices import cuda_device_count, first_device_info
-from engine_core.hf_overrides import ROPE_KEYS, override_problem
+from engine_core.hf_overrides import CONTEXT_LENGTH_KEYS, ROPE_KEYS, override_problem
 from engine_core.models_alias import AliasNotInstalledError, is_alias, resolve_alias
-from engine_core.sampling_params import generation_defaults_problem
+from engine_core.sampling_params import generation_defaults_problem, seed_fits
 from executor.config import (
     DEFAULT_ADMISSION_HORIZON,
     ArgumentError,
@@ -111,17 +111,6 @@ ARCHITECTURE_BY_MODEL_TYPE = {
     "gpt2": "GPT2LMHeadModel",
 }
 NO_ROPE_ARCHITECTURES = ("OPTForCausalLM", "GPT2LMHeadModel")
-# Keys that hold a model's context length, in vLLM's order; the smallest present wins.
-CONTEXT_LENGTH_KEYS = (
-    "max_position_embeddings",
-    "n_positions",
-    "max_seq_len",
-    "seq_length",
-    "model_max_length",
-    "max_sequence_length",
-    "max_seq_length",
-    "seq_len",
-)
 DEFAULT_CONTEXT_LENGTH = 2048  # when the config names no length at all
 CPU_KVCACHE_ENV = "TESSERA_CPU_KVCACHE_SPACE"
 ADMISSION_HORIZON_ENV = "TESSERA_ADMISSION_HORIZON"
@@ -218,8 +207,7 @@ def _positive_finite(value: Any) -> str | None:
 
 
 def _fits_64_bits(value: Any) -> str | None:
-    # torch's generators and msgpack take seeds in [-2**63, 2**64)
-    return None if -(2**63) <= value < 2**64 else "must fit in 64 bits"
+    return None if seed_fits(value) else "must fit in 64 bits"
 
 
 def _non_negative(value: Any) -> str | None:

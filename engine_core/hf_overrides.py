@@ -11,14 +11,24 @@ from __future__ import annotations
 import math
 from typing import Any
 
+# Keys that hold a model's context length, in vLLM's order; the smallest present wins.
+CONTEXT_LENGTH_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "seq_length",
+    "model_max_length",
+    "max_sequence_length",
+    "max_seq_length",
+    "seq_len",
+)
 # Config keys the models read as sizes; those in NULLABLE may also be null (unset).
 SIZE_KEYS = frozenset(
     {
         "hidden_size", "n_embd", "num_hidden_layers", "n_layer", "num_attention_heads",
         "n_head", "num_key_value_heads", "intermediate_size", "ffn_dim", "n_inner",
         "vocab_size", "head_dim", "sliding_window", "word_embed_proj_dim",
-        "max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
-        "model_max_length", "max_sequence_length", "max_seq_length", "seq_len",
+        *CONTEXT_LENGTH_KEYS,
     }
 )  # fmt: skip
 NULLABLE = frozenset({"n_inner", "head_dim", "sliding_window", "num_key_value_heads"})

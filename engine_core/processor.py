@@ -6,6 +6,7 @@ requests in the core (`{id}-{i}`); with prefix caching they share the prompt blo
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import time
 from collections.abc import Sequence
@@ -150,15 +151,14 @@ def _token_ids(values: Any) -> list[int]:
     and strings are refused: they would reach the engine's messages and fail there."""
     if isinstance(values, str | bytes | dict) or not hasattr(values, "__iter__"):
         raise TypeError(f"token ids must be a sequence of integers, not {type(values).__name__}")
-    ids = []
-    for value in values:
-        try:
-            if isinstance(value, bool):
-                raise TypeError
-            ids.append(operator.index(value))
-        except TypeError:
-            raise TypeError(f"token ids must be integers, got {value!r}") from None
-    return ids
+    return [_token_id(value) for value in values]
+
+
+def _token_id(value: Any) -> int:
+    if not isinstance(value, bool):
+        with contextlib.suppress(TypeError):
+            return operator.index(value)
+    raise TypeError(f"token ids must be integers, got {value!r}")
 
 
 def _replace_seed(options, seed: int):

@@ -31,6 +31,11 @@ GENERATION_CONFIG_FIELDS: dict[str, str] = {
 }
 
 
+def seed_fits(seed: int) -> bool:
+    """Whether a seed fits torch's generators and msgpack: [-2**63, 2**64)."""
+    return -(2**63) <= seed < 2**64
+
+
 def generation_defaults_problem(gen_cfg: dict[str, Any]) -> str | None:
     """Why a generation config's values could not default a request, or None."""
     fields: dict[str, Any] = {}
@@ -242,7 +247,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         _require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
         _require(self.top_k >= 0, "top_k", "must be -1 (off), 0 (off) or >= 1", self.top_k)
         _require(
-            self.seed is None or -(2**63) <= self.seed < 2**64,
+            self.seed is None or seed_fits(self.seed),
             "seed",
             "must fit in 64 bits",
             self.seed,

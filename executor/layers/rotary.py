@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from executor.layers.norm import RMSNorm
-from executor.rope_config import SUPPORTED_ROPE_TYPES
+from executor.rope_config import SUPPORTED_ROPE_TYPES, rope_type_of
 from kernels.kv_write import CacheWrite
 from kernels.qk_norm_rotary import qk_norm_rotary
 from kernels.rotary import rotary_embedding
@@ -99,7 +99,7 @@ def rope_frequencies(
 ) -> RopeFrequencies:
     """Inverse frequencies, cos/sin factor and cache length for one rope scaling."""
     s = scaling or {}
-    rope_type = s.get("rope_type", s.get("type")) or "default"
+    rope_type = rope_type_of(s)
     if rope_type == "default":
         return RopeFrequencies(_base_inv_freq(rotary_dim, base), 1.0, max_position)
     if rope_type == "linear":
