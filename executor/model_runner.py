@@ -36,7 +36,7 @@ import torch
 
 from executor.block_table import BlockTables
 from executor.config import EngineConfig
-from executor.cuda_graphs import DecodeGraphs, capture_sizes
+from executor.cuda_graphs import StepGraphs, capture_sizes, mixed_sizes
 from executor.forward_context import AttentionMetadata, ForwardContext, forward_context
 from executor.layers import graph_breaks
 from executor.loader import torch_dtype
@@ -128,7 +128,7 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.sampler = Sampler()
         self.pp = get_pp_group()
-        self.graphs: DecodeGraphs | None = None
+        self.graphs: StepGraphs | None = None
         # Cascade attention where the kernels run (the reference has nothing to save).
         self.use_cascade = not config.model.disable_cascade_attn and use_triton(
             torch.empty(0, device=device)
@@ -164,7 +164,8 @@ class ModelRunner:
         return torch_dtype(self.config.model.dtype)
 
     def capture_cuda_graphs(self) -> None:
-        """Decode graphs for every batch size up to --max-num-seqs (CUDA, not eager).
+        """Decode graphs for every batch size up to --max-num-seqs, and graphs of small
+        steps with prompt tokens (CUDA, not eager; see executor.cuda_graphs).
 
         With --calculate-kv-scales the capture waits for the first step: the graphs
         bake the scales in, and those come from that step's keys and values.
@@ -172,13 +173,13 @@ class ModelRunner:
         if any(layer.calculate_scales for layer in attention_layers(self.model)):
             self._capture_after_first_step = True
             return
-        self.graphs = self._decode_graphs()
+        self.graphs = self._step_graphs(mixed=True)
         self.graphs.capture()
 
-    def _decode_graphs(self) -> DecodeGraphs:
+    def _step_graphs(self, mixed: bool) -> StepGraphs:
         cfg = self.config
         max_len = min(cfg.model.max_seq_len_to_capture, cfg.model.max_model_len)
-        return DecodeGraphs(
+        return StepGraphs(
             self.model,
             self.kv_caches,
             capture_sizes(cfg.scheduler.max_num_seqs, cfg.compilation.cudagraph_capture_sizes),
@@ -186,6 +187,7 @@ class ModelRunner:
             max_len,
             self.device,
             cascade=self.use_cascade,
+            mixed=mixed_sizes(cfg.scheduler.max_num_batched_tokens) if mixed else None,
         )
 
     def warm_up(self, graphs: bool) -> None:
@@ -202,7 +204,7 @@ class ModelRunner:
         if graphs:
             self.capture_cuda_graphs()
         elif triton and self.pp.size == 1:
-            self._decode_graphs().compile_kernels()
+            self._step_graphs(mixed=False).compile_kernels()
 
     # ---- request state -----------------------------------------------------------
     def _apply_step(self, step: StepInput) -> None:
@@ -397,7 +399,7 @@ class ModelRunner:
 
     def _forward(self, input_ids, positions, attn: AttentionMetadata) -> Any:
         """[T, hidden] on the last stage; a stage before it returns what it sent on."""
-        if self.graphs is not None and attn.max_query_len == 1:
+        if self.graphs is not None:
             out = self.graphs.run(input_ids, positions, attn)
             if out is not None:
                 return out
