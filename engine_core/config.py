@@ -427,10 +427,10 @@ RULES: dict[str, Rule] = {
     "disable_chunked_mm_input": _refused(_NO_MM),
     # Execution and compilation
     "enforce_eager": _works(
-        "no CUDA graphs: decode steps run eagerly too (the CPU always runs eagerly)"
+        "no CUDA graphs: decode and small prompt steps run eagerly too (the CPU always runs eagerly)"
     ),
     "max_seq_len_to_capture": _works(
-        "decode steps whose longest context is over it run eagerly, outside the CUDA graphs",
+        "steps whose longest context is over it run eagerly, outside the CUDA graphs",
         check=_positive,
     ),
     "compilation_config": Rule(
