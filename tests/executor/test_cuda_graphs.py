@@ -4,26 +4,16 @@ real graph would see (CUDA itself is checked by bench/gpu_check.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from engine_core import LLM, SamplingParams
 from executor.cuda_graphs import MIXED, MIXED_MAX_SEQS, StepGraphs, mixed_seqs, mixed_sizes
-from tests.helpers.tiny_models import make_tiny_model
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
-@pytest.fixture(autouse=True)
-def _in_process(monkeypatch):
-    monkeypatch.setenv("TESSERA_ENABLE_MULTIPROCESSING", "0")
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("llama"), "llama")
+pytestmark = pytest.mark.usefixtures("in_process")
 
 
 def test_mixed_sizes_and_their_sequences() -> None:
@@ -56,15 +46,15 @@ def _tokens(llm: LLM, prompts: list[list[int]], max_tokens: int) -> list[list[in
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
-def test_padded_steps_give_the_eager_tokens(llama) -> None:
+def test_padded_steps_give_the_eager_tokens(tiny_llama) -> None:
     # Prompts of 3..38 tokens: their prefill steps fill mixed graphs of 16..64 tokens with
     # padding tokens and sequences; a prompt of 200 tokens goes in chunks of the 64-token
     # budget beside decodes, mixed steps too; decode batches of 1..9 pad to 1..16.
     prompts = [list(range(100 + i, 103 + 5 * i)) for i in range(8)] + [list(range(7, 207))]
-    with LLM(str(llama), max_model_len=256, block_size=16) as llm:
+    with LLM(str(tiny_llama), max_model_len=256, block_size=16) as llm:
         want = _tokens(llm, prompts, 12)
     with LLM(
-        str(llama),
+        str(tiny_llama),
         max_model_len=256,
         block_size=16,
         max_num_batched_tokens=64,

@@ -11,20 +11,12 @@ from safetensors.torch import load_file, save_file
 from engine_core import LLM, SamplingParams
 from engine_core.config import ConfigError
 from executor.loader.kv_scales import split_kv_scales
-from tests.helpers.tiny_models import make_tiny_model
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 PROMPTS = [[11, 402, 93, 1204, 77, 5], [300, 301, 302, 9, 17, 2048, 4000, 12, 8]]
 
 
-@pytest.fixture(autouse=True)
-def _in_process(monkeypatch):
-    monkeypatch.setenv("TESSERA_ENABLE_MULTIPROCESSING", "0")
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("llama"), "llama")
+pytestmark = pytest.mark.usefixtures("in_process")
 
 
 def test_split_kv_scales_takes_every_naming_out_of_the_weights() -> None:
@@ -55,8 +47,10 @@ def _with_checkpoint_scales(src: Path, dst: Path, scales: dict[int, tuple[float,
     return dst
 
 
-def test_checkpoint_scales_reach_the_layers_of_an_fp8_cache(llama, tmp_path) -> None:
-    scaled = _with_checkpoint_scales(llama, tmp_path / "scaled", {0: (0.5, 0.25), 1: (2.0, 1.5)})
+def test_checkpoint_scales_reach_the_layers_of_an_fp8_cache(tiny_llama, tmp_path) -> None:
+    scaled = _with_checkpoint_scales(
+        tiny_llama, tmp_path / "scaled", {0: (0.5, 0.25), 1: (2.0, 1.5)}
+    )
     with LLM(str(scaled), max_model_len=128, kv_cache_dtype="fp8") as llm:
         assert llm.collective_rpc("kv_scales")[0] == [[0.5, 0.25], [2.0, 1.5]]
         out = llm.generate(PROMPTS, SamplingParams(max_tokens=4, **GREEDY), use_tqdm=False)
@@ -72,10 +66,10 @@ def _cache_amax(llm: LLM) -> list[tuple[float, float]]:
     return [(float(k), float(v)) for k, v in amax]
 
 
-def test_calculated_scales_put_the_first_step_at_half_the_fp8_range(llama) -> None:
+def test_calculated_scales_put_the_first_step_at_half_the_fp8_range(tiny_llama) -> None:
     params = SamplingParams(max_tokens=1, **GREEDY)
     fp8 = dict(kv_cache_dtype="fp8", calculate_kv_scales=True, distributed_executor_backend="uni")
-    with LLM(str(llama), max_model_len=128, **fp8) as llm:
+    with LLM(str(tiny_llama), max_model_len=128, **fp8) as llm:
         assert llm.collective_rpc("kv_scales")[0] == [[1.0, 1.0], [1.0, 1.0]]
         llm.generate(PROMPTS, params, use_tqdm=False)  # one step: the prefill of both
         scales = llm.collective_rpc("kv_scales")[0]
@@ -86,7 +80,7 @@ def test_calculated_scales_put_the_first_step_at_half_the_fp8_range(llama) -> No
     assert all(k != 1.0 and v != 1.0 for k, v in scales)
     # The largest stored magnitude of the first step is exactly half the e4m3 range.
     assert amax == [(half_range, half_range)] * len(scales)
-    with LLM(str(llama), max_model_len=128) as llm:
+    with LLM(str(tiny_llama), max_model_len=128) as llm:
         base = llm.generate(PROMPTS, SamplingParams(max_tokens=6, **GREEDY), use_tqdm=False)
     # e4m3 keeps 3 mantissa bits whatever the scale, so later tokens of the tiny model
     # may flip (seen at the 2nd token of one prompt); the first, from the prefill that
@@ -94,6 +88,6 @@ def test_calculated_scales_put_the_first_step_at_half_the_fp8_range(llama) -> No
     assert [o.outputs[0].token_ids[0] for o in later] == [o.outputs[0].token_ids[0] for o in base]
 
 
-def test_calculate_kv_scales_without_fp8_cache_is_refused(llama) -> None:
+def test_calculate_kv_scales_without_fp8_cache_is_refused(tiny_llama) -> None:
     with pytest.raises(ConfigError, match="--calculate-kv-scales"):
-        LLM(str(llama), max_model_len=128, calculate_kv_scales=True)
+        LLM(str(tiny_llama), max_model_len=128, calculate_kv_scales=True)
