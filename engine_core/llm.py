@@ -185,6 +185,12 @@ class LLM:
         if engine is not None:
             engine.shutdown()
 
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for attributes not set: `engine` after shutdown() took it.
+        if name == "engine":
+            raise RuntimeError("this LLM has been shut down: make a new one to generate")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def __enter__(self) -> LLM:
         return self
 
@@ -201,7 +207,12 @@ class LLM:
 def _as_prompt_list(prompts) -> list[PromptType]:
     if isinstance(prompts, (str, dict)):
         return [prompts]
-    if prompts and all(isinstance(t, int) for t in prompts):
+    if not isinstance(prompts, Sequence) and not hasattr(prompts, "__array__"):
+        raise TypeError(
+            "prompts are a string, a list of token ids, a dict, or a list of those; "
+            f"not {type(prompts).__name__}"
+        )
+    if len(prompts) and all(isinstance(t, int) for t in prompts):
         return [list(prompts)]
     return list(prompts)
 
@@ -209,6 +220,13 @@ def _as_prompt_list(prompts) -> list[PromptType]:
 def _as_params_list(params, n: int) -> list[SamplingParams | None]:
     if params is None or isinstance(params, SamplingParams):
         return [params] * n
+    if not isinstance(params, Sequence) or not all(
+        p is None or isinstance(p, SamplingParams) for p in params
+    ):
+        raise TypeError(
+            "sampling_params is a SamplingParams or a list of them, one per prompt; "
+            f"not {type(params).__name__}"
+        )
     if len(params) != n:
         raise ValueError(f"{len(params)} sampling params for {n} prompts")
     return list(params)

@@ -173,6 +173,8 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, 
 
 
 def _normalize_message(message: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+        raise ValueError(f"a chat message is a dict with a 'role' string, not {message!r}")
     content = message.get("content")
     if content is None or isinstance(content, str):
         return dict(message)
@@ -186,7 +188,10 @@ def _normalize_message(message: Mapping[str, Any]) -> dict[str, Any]:
                 f"message content part of type {kind!r} is not supported: only text parts "
                 "({'type': 'text', 'text': ...}) are, this model takes text only"
             )
-        texts.append(part["text"])
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise ValueError(f"a text part needs a 'text' string, not {part!r}")
+        texts.append(text)
     return {**message, "content": "\n".join(texts)}
 
 
@@ -263,14 +268,19 @@ class Tokenizer:
                 "add_generation_prompt and continue_final_message cannot both be set: the first "
                 "opens a new assistant message, the second continues the last one"
             )
-        rendered = self.hf.apply_chat_template(
-            normalize_messages(messages),
-            tools=cast(Any, tools),  # transformers' annotation wants list[dict | Callable]
-            chat_template=template,
-            add_generation_prompt=add_generation_prompt,
-            continue_final_message=continue_final_message,
-            tokenize=False,
-            **dict(template_kwargs or {}),
-        )
+        from jinja2 import TemplateError
+
+        try:
+            rendered = self.hf.apply_chat_template(
+                normalize_messages(messages),
+                tools=cast(Any, tools),  # transformers' annotation wants list[dict | Callable]
+                chat_template=template,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                tokenize=False,
+                **dict(template_kwargs or {}),
+            )
+        except TemplateError as e:  # the template rejects this conversation
+            raise ValueError(f"the chat template cannot render this conversation: {e}") from e
         assert isinstance(rendered, str)  # tokenize=False renders text
         return rendered
