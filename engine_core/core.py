@@ -33,6 +33,7 @@ from engine_core.messages import (
 )
 from engine_core.request import Request
 from engine_core.scheduler.scheduler import Scheduler
+from executor import step_trace
 from executor.base import Executor, make_executor
 from executor.config import EngineConfig
 from executor.messages import StepInput, StepOutput
@@ -115,22 +116,32 @@ class EngineCore:
     def step(self) -> EngineCoreOutputs:
         if self.pipeline_depth > 1:
             return self._pipelined_step()
+        t0 = step_trace.now()
         step_input = self.scheduler.schedule()
         if not step_input.num_scheduled_tokens:
             return EngineCoreOutputs([], self.scheduler.stats(), time.time())
+        step_trace.span("schedule", step_input.step_id, t0)
+        t0 = step_trace.now()
         step_output = self.executor.execute(step_input)
+        step_trace.span("execute", step_input.step_id, t0)
         return self._update(step_input, step_output)
 
     def _pipelined_step(self) -> EngineCoreOutputs:
         while len(self.in_flight) < self.pipeline_depth:
+            t0 = step_trace.now()
             step_input = self.scheduler.schedule()
             if not step_input.num_scheduled_tokens:
                 break  # everything schedulable is in flight already
+            step_trace.span("schedule", step_input.step_id, t0)
+            t0 = step_trace.now()
             self.executor.submit(step_input)
+            step_trace.span("submit", step_input.step_id, t0)
             self.in_flight.append(step_input)
         if not self.in_flight:
             return EngineCoreOutputs([], self.scheduler.stats(), time.time())
+        t0 = step_trace.now()
         step_output = self.executor.collect()
+        step_trace.span("collect", step_output.step_id, t0)
         step_input = self.in_flight.popleft()
         if step_output.error is None and step_output.step_id != step_input.step_id:
             raise RuntimeError(
@@ -140,6 +151,14 @@ class EngineCore:
         return self._update(step_input, step_output)
 
     def _update(self, step_input: StepInput, step_output: StepOutput) -> EngineCoreOutputs:
+        t0 = step_trace.now()
+        outputs = self._update_scheduler(step_input, step_output)
+        step_trace.span("update", step_input.step_id, t0)
+        return outputs
+
+    def _update_scheduler(
+        self, step_input: StepInput, step_output: StepOutput
+    ) -> EngineCoreOutputs:
         if step_output.error is not None:
             raise RuntimeError(
                 f"step {step_output.step_id} failed on a worker "

@@ -30,6 +30,7 @@ from engine_core.messages import (
     UtilityCall,
     UtilityResult,
 )
+from executor import step_trace
 from executor.config import EngineConfig
 from executor.heap import freeze_startup_heap, thaw_heap
 from executor.ipc import IPC_ROOT_ENV, Receiver, Sender, die_with_parent
@@ -89,9 +90,11 @@ def run_engine_core(addrs: CoreAddresses, log_level: int) -> None:
     hs.close()
     freeze_startup_heap("engine core")
     proc = EngineCoreProc(core, ctx, addrs)
+    step_trace.start()
     try:
         proc.run()
     finally:
+        step_trace.dump("core")
         proc.close()
         thaw_heap()
 

@@ -21,6 +21,7 @@ from typing import Any
 import msgspec
 import zmq
 
+from executor import step_trace
 from executor.config import EngineConfig
 from executor.heap import freeze_startup_heap, thaw_heap
 from executor.ipc import Receiver, Sender, die_with_parent
@@ -62,9 +63,11 @@ def worker_main(rank: int, local_rank: int, addrs: WorkerAddresses, log_level: i
         sub: Receiver[ToWorker] = Receiver(ctx, zmq.SUB, addrs.broadcast, False, ToWorker)
         worker = _start_worker(config, rank, local_rank, addrs.dist_init, results)
         if worker is not None:
+            step_trace.start()
             try:
                 _serve(worker, rank, sub, results)
             finally:
+                step_trace.dump(f"worker{rank}")
                 worker.shutdown()
     finally:
         thaw_heap()
@@ -118,7 +121,9 @@ def _serve(worker: Any, rank: int, sub: Receiver, results: Sender) -> None:
             logger.exception("malformed message dropped")
             continue
         if isinstance(msg, StepInput) and overlap:
+            t0 = step_trace.now()
             launched = _guarded(msg.step_id, functools.partial(worker.launch, msg))
+            step_trace.span("launch", msg.step_id, t0)
             _answer_pending(worker, results, pending)
             pending = launched
             continue
@@ -150,13 +155,17 @@ def _answer_pending(worker: Any, results: Sender, pending: Any) -> None:
         return
     out = pending
     if not isinstance(pending, StepOutput):  # else it failed to launch: its error output
+        t0 = step_trace.now()
         out = _guarded(pending.step.step_id, functools.partial(worker.finish, pending))
+        step_trace.span("finish", out.step_id, t0)
     _answer(worker, results, out)
 
 
 def _answer(worker: Any, results: Sender, out: StepOutput) -> None:
     if worker.answers_steps or out.error is not None:
+        t0 = step_trace.now()
         results.send(out)
+        step_trace.span("answer", out.step_id, t0)
 
 
 def _guarded(step_id: int, call: Callable[[], Any]) -> Any:
@@ -169,7 +178,10 @@ def _guarded(step_id: int, call: Callable[[], Any]) -> Any:
 
 
 def run_step(worker: Any, step: StepInput) -> StepOutput:
-    return _guarded(step.step_id, functools.partial(worker.execute, step))
+    t0 = step_trace.now()
+    out = _guarded(step.step_id, functools.partial(worker.execute, step))
+    step_trace.span("run", step.step_id, t0)
+    return out
 
 
 def run_rpc(worker: Any, rank: int, call: WorkerRpc) -> WorkerRpcResult:
