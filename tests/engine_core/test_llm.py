@@ -1,16 +1,20 @@
 """The offline LLM end to end on the CPU: greedy tokens equal transformers, and
-prefix caching, chunked prefill, preemption and batching leave them unchanged."""
+prefix caching, chunked prefill, preemption and batching leave them unchanged.
+
+(SmolLM2 against transformers, and the chat template, are in
+tests/executor/test_smollm2.py, with the other SmolLM2 checks: one transformers load.)"""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 
 import pytest
 
 from engine_core import LLM, SamplingParams
 from engine_core.config import ADMISSION_HORIZON_ENV
 from tests.helpers.reference import hf_greedy, load_hf_model
-from tests.helpers.tiny_models import SMOLLM2_PROMPTS, make_tiny_model, smollm2_reference
+from tests.helpers.tiny_models import make_tiny_model
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "opt", "gpt2"]
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -46,28 +50,38 @@ def test_greedy_matches_transformers(tiny):
     assert got == want, arch
 
 
-@pytest.mark.parametrize("block_size", [8, 64, 128])
-def test_block_sizes_give_the_tokens_of_transformers(block_size, tmp_path):
-    # prompts of 30-140 tokens: several blocks of 8, one or two of 128
-    path = make_tiny_model(tmp_path / "llama", "llama")
-    prompts = random_prompts(3, (30, 140), seed=5)
-    llm = LLM(str(path), max_model_len=256, block_size=block_size, enforce_eager=True)
-    got = token_ids(llm.generate(prompts, SamplingParams(max_tokens=12, **GREEDY)))
-    llm.shutdown()
-    assert got == hf_greedy(load_hf_model(path), prompts, 12)
-
-
-@pytest.mark.slow
-def test_smollm2_gguf_matches_transformers():
-    llm = LLM("tessera/smollm2-135m-instruct", max_model_len=512)
-    prompts = [list(p) for p in SMOLLM2_PROMPTS]
-    got = token_ids(llm.generate(prompts, SamplingParams(max_tokens=32, **GREEDY)))
-    assert got == smollm2_reference(SMOLLM2_PROMPTS, 32)
-
-
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     return str(make_tiny_model(tmp_path_factory.mktemp("llama-inv"), "llama"))
+
+
+# prompts of 30-140 tokens: several blocks of 8, one or two of 128
+BLOCK_PROMPTS = random_prompts(3, (30, 140), seed=5)
+
+
+@pytest.fixture(scope="module")
+def llama_reference(llama) -> list[list[int]]:
+    """transformers' greedy tokens of the llama model for BLOCK_PROMPTS, computed once."""
+    return hf_greedy(load_hf_model(llama), BLOCK_PROMPTS, 12)
+
+
+@pytest.mark.parametrize("block_size", [8, 64, 128])
+def test_block_sizes_give_the_tokens_of_transformers(block_size, llama, llama_reference):
+    llm = LLM(llama, max_model_len=256, block_size=block_size, enforce_eager=True)
+    got = token_ids(llm.generate(BLOCK_PROMPTS, SamplingParams(max_tokens=12, **GREEDY)))
+    llm.shutdown()
+    assert got == llama_reference
+
+
+@pytest.fixture(scope="module")
+def shared_llm(llama) -> Iterator[LLM]:
+    """One LLM of the llama model (default engine arguments) for the tests below that
+    only need a working engine: starting one costs seconds (its worker process loads
+    torch). Each test leaves it idle; none depends on what another ran on it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TESSERA_ENABLE_MULTIPROCESSING", "0")  # as _in_process, for the module
+        with LLM(llama, max_model_len=256) as llm:
+            yield llm
 
 
 def _run(path: str, prompts, max_tokens=24, **engine_args) -> list[list[int]]:
@@ -77,12 +91,20 @@ def _run(path: str, prompts, max_tokens=24, **engine_args) -> list[list[int]]:
     return token_ids(outs)
 
 
-def test_invariance_prefix_cache_chunking_preemption_batching(llama, monkeypatch):
+def test_invariance_prefix_cache_chunking_preemption_batching(llama, shared_llm, monkeypatch):
     shared = random_prompts(1, (40, 40), seed=7)[0]
     prompts = [shared + p for p in random_prompts(8, (1, 30), seed=3)]
     prompts += random_prompts(8, (5, 60), seed=4)
-    base = _run(llama, prompts, enable_prefix_caching=False)
-    assert _run(llama, prompts, enable_prefix_caching=True) == base
+    params = SamplingParams(max_tokens=24, **GREEDY)
+    # the reference: the batch without a prefix cache; batching: on the same engine, each
+    # of four prompts alone gets its tokens of the batch
+    llm = LLM(llama, max_model_len=256, enable_prefix_caching=False)
+    base = token_ids(llm.generate(prompts, params))
+    alone = [token_ids(llm.generate([p], params))[0] for p in prompts[:4]]
+    llm.shutdown()
+    assert alone == base[:4]
+    # the prefix cache on (the default engine); the first 8 prompts share 40 tokens
+    assert token_ids(shared_llm.generate(prompts, params)) == base
     # a token budget of 16: every prompt longer than that is chunked
     assert _run(llama, prompts, max_num_batched_tokens=16, max_num_seqs=4) == base
     # 40 blocks of 16 tokens for 16 requests of up to ~100 tokens: the admission
@@ -90,13 +112,12 @@ def test_invariance_prefix_cache_chunking_preemption_batching(llama, monkeypatch
     assert _run(llama, prompts, num_gpu_blocks_override=40, block_size=16) == base
     monkeypatch.setenv(ADMISSION_HORIZON_ENV, "0")
     assert _run(llama, prompts, num_gpu_blocks_override=40, block_size=16) == base
-    monkeypatch.delenv(ADMISSION_HORIZON_ENV)
-    single = [_run(llama, [p])[0] for p in prompts[:4]]
-    assert single == base[:4]
 
 
-def test_prefix_cache_hits_are_reported(llama):
-    llm = LLM(llama, max_model_len=256, block_size=16)
+def test_prefix_cache_hits_are_reported(shared_llm):
+    llm = shared_llm  # blocks of 16 tokens (the default)
+    assert llm.config.cache.block_size == 16
+    assert llm.reset_prefix_cache()  # whatever the other tests left cached
     prompt = random_prompts(1, (50, 50), seed=9)[0]
     params = SamplingParams(max_tokens=4, **GREEDY)
     first = llm.generate([prompt], params)[0]
@@ -116,8 +137,8 @@ def test_prefix_cache_hits_are_reported(llama):
         llm.generate([{**salted, "cache_salt": 5}], params)
 
 
-def test_sampling_features_end_to_end(llama):
-    llm = LLM(llama, max_model_len=256)
+def test_sampling_features_end_to_end(shared_llm):
+    llm = shared_llm
     prompt = random_prompts(1, (10, 10), seed=5)[0]
     seeded = SamplingParams(max_tokens=12, temperature=1.0, seed=42, n=3, ignore_eos=True)
     a = llm.generate([prompt], seeded)[0]
@@ -134,8 +155,8 @@ def test_sampling_features_end_to_end(llama):
     assert lp.prompt_logprobs[0] is None and len(lp.prompt_logprobs) == len(prompt)
 
 
-def test_stop_strings_and_max_tokens(llama):
-    llm = LLM(llama, max_model_len=256)
+def test_stop_strings_and_max_tokens(shared_llm):
+    llm = shared_llm
     prompt = random_prompts(1, (8, 8), seed=11)[0]
     full = llm.generate([prompt], SamplingParams(max_tokens=20, **GREEDY))[0].outputs[0]
     assert len(full.token_ids) == 20 and full.finish_reason == "length"
@@ -156,24 +177,13 @@ def test_bad_requests_fail_alone(llama):
     assert len(ok[0].outputs[0].token_ids) == 4
 
 
-def test_chat_applies_the_template():
-    llm = LLM("tessera/smollm2-135m-instruct", max_model_len=512)
-    out = llm.chat(
-        [{"role": "user", "content": "Say hi."}], SamplingParams(max_tokens=8, temperature=0)
-    )
-    assert "<|im_start|>assistant" in llm.get_tokenizer().decode(
-        out[0].prompt_token_ids, skip_special_tokens=False
-    )
-    assert out[0].outputs[0].text
-
-
-def test_fp8_kv_cache_keeps_peaked_greedy_tokens(llama):
+def test_fp8_kv_cache_keeps_peaked_greedy_tokens(llama, shared_llm):
     # e4m3 keeps ~2 significant digits, a lossy cache rather than a rounding
     # difference: with the tiny model's peaked logits the first tokens survive, and
     # the error grows with the length (seen: the 8th token of one prompt flips).
     # The cache really is fp8 (checked through the worker).
     prompts = random_prompts(3, (5, 30), seed=21)
-    base = _run(llama, prompts, max_tokens=8)
+    base = token_ids(shared_llm.generate(prompts, SamplingParams(max_tokens=8, **GREEDY)))
     llm = LLM(llama, max_model_len=256, kv_cache_dtype="fp8")
     dtype = llm.collective_rpc("kv_cache_dtype_name")[0]
     outs = llm.generate(prompts, SamplingParams(max_tokens=8, **GREEDY))
@@ -195,8 +205,8 @@ def test_fp8_kv_cache_keeps_peaked_greedy_tokens(llama):
         ([1, 2, 3], {"seed": 2**70}),
     ],
 )
-def test_bad_prompts_raise_and_send_nothing(llama, prompt, params):
-    llm = LLM(llama, max_model_len=256)
+def test_bad_prompts_raise_and_send_nothing(shared_llm, prompt, params):
+    llm = shared_llm
     good = [5, 6, 7]
     with pytest.raises((TypeError, ValueError)):
         llm.generate([good, prompt], SamplingParams(max_tokens=2, **params), use_tqdm=False)
@@ -206,22 +216,21 @@ def test_bad_prompts_raise_and_send_nothing(llama, prompt, params):
         llm.generate([good, good], SamplingParams(max_tokens=2), priority=[0])
     with pytest.raises(TypeError):
         llm.generate([good], SamplingParams(max_tokens=2), priority=["x"])
-    llm.shutdown()
+    assert not llm.outputs.has_unfinished() and not llm.engine.core.has_work()
 
 
-def test_numpy_token_ids_are_token_ids(llama):
+def test_numpy_token_ids_are_token_ids(shared_llm):
     np = pytest.importorskip("numpy")
-    llm = LLM(llama, max_model_len=256)
+    llm = shared_llm
     params = SamplingParams(max_tokens=4, **GREEDY)
     ids = [11, 12, 13, 14]
     want = token_ids(llm.generate([ids], params))
     got = llm.generate([{"prompt_token_ids": np.array(ids)}, np.array(ids, dtype=np.int32)], params)
     assert token_ids(got) == want * 2
-    llm.shutdown()
 
 
-def test_an_interrupted_generate_aborts_its_requests(llama, monkeypatch):
-    llm = LLM(llama, max_model_len=256)
+def test_an_interrupted_generate_aborts_its_requests(shared_llm, monkeypatch):
+    llm = shared_llm
     steps = llm.engine.get_outputs
 
     def interrupted():
@@ -236,7 +245,6 @@ def test_an_interrupted_generate_aborts_its_requests(llama, monkeypatch):
     assert not llm.outputs.has_unfinished()
     out = llm.generate([[8, 9]], SamplingParams(max_tokens=1), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 1 and not llm.engine.core.has_work()
-    llm.shutdown()
 
 
 @pytest.mark.slow

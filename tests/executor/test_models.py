@@ -7,7 +7,6 @@ must equal transformers' generate(do_sample=False) in float32.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,6 @@ from executor.models.registry import (
 from executor.rope_config import rope_settings
 from kernels.dispatch import interpreting
 from tests.helpers.tiny_models import (
-    SMOLLM2_PROMPTS,
     PagedRunner,
     attention_metadata,
     greedy_generate,
@@ -45,8 +43,6 @@ from tests.helpers.tiny_models import (
     make_engine_config,
     make_kv_caches,
     make_tiny_model,
-    smollm2_models,
-    smollm2_reference,
     tiny_hf_config,
 )
 
@@ -114,14 +110,6 @@ def test_greedy_tokens_equal_transformers(tiny: tuple[str, Path]) -> None:
     assert got.min_margin > MIN_MARGIN, f"{arch}: a greedy choice was a near tie"
 
 
-@pytest.mark.slow
-def test_smollm2_gguf_greedy_tokens_equal_transformers() -> None:
-    ours, hf_model = smollm2_models()
-    hf_config = json.loads(hf_model.config.to_json_string())
-    got = greedy_generate(ours, hf_config, [list(p) for p in SMOLLM2_PROMPTS], max_new_tokens=32)
-    assert got.tokens == smollm2_reference(SMOLLM2_PROMPTS, 32)
-
-
 def test_mistral_sliding_window_changes_tokens(tmp_path: Path) -> None:
     # Same weights with and without the window: past 8 tokens the outputs must part,
     # or the window test above would prove nothing.
@@ -142,11 +130,16 @@ def test_triton_kernels_give_the_same_tokens(
 ) -> None:
     # With TESSERA_KERNELS=triton the public kernels run their Triton versions (here
     # interpreted): the layers' calls must pass the wrappers' shape and stride checks.
-    # Qwen3 exercises the most kernels (per-head q/k norms included).
-    model, cfg = _load(make_tiny_model(tmp_path, "qwen3"))
-    want = greedy_generate(model, cfg, PROMPTS, max_new_tokens=2).tokens
+    # Qwen3 exercises the most kernels (per-head q/k norms included). Its vocabulary is
+    # cut to 2048 + 17 tokens: the LM head's skinny GEMM still takes the 32-column tiles
+    # of outputs past 2048 and ends in a 17-column part tile, as with GPT-2's 50257,
+    # but in 65 interpreted programs instead of 1571 (which took most of a minute).
+    vocab = 2048 + 17
+    model, cfg = _load(make_tiny_model(tmp_path, "qwen3", vocab_size=vocab))
+    prompts = [[t % vocab for t in p] for p in PROMPTS]
+    want = greedy_generate(model, cfg, prompts, max_new_tokens=2).tokens
     monkeypatch.setenv("TESSERA_KERNELS", "triton")
-    assert greedy_generate(model, cfg, PROMPTS, max_new_tokens=2).tokens == want
+    assert greedy_generate(model, cfg, prompts, max_new_tokens=2).tokens == want
 
 
 # ----------------------------------------------------------------------------------------

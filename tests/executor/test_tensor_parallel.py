@@ -20,6 +20,8 @@ def prompts(n: int, seed: int) -> list[list[int]]:
 
 
 def greedy(path: str, tp: int, ps, monkeypatch, max_tokens: int = 12, **engine_args):
+    """Greedy tokens at TP=tp: mp worker processes, or for the TP=1 reference one uni
+    worker in this process (the tokens are the same; a worker process costs seconds)."""
     monkeypatch.setenv("TESSERA_ENABLE_MULTIPROCESSING", "0")  # the core here, workers apart
     if tp > 1:
         # The ranks share the test machine's few cores: torch's default of a thread per
@@ -29,7 +31,7 @@ def greedy(path: str, tp: int, ps, monkeypatch, max_tokens: int = 12, **engine_a
         path,
         max_model_len=256,
         tensor_parallel_size=tp,
-        distributed_executor_backend="mp",
+        distributed_executor_backend="mp" if tp > 1 else "uni",
         **engine_args,
     ) as llm:
         outs = llm.generate(ps, SamplingParams(max_tokens=max_tokens, **GREEDY), use_tqdm=False)
@@ -57,14 +59,30 @@ PADDED = {
 }
 
 
+PADDED_PROMPTS = prompts(3, seed=5)
+
+
+@pytest.fixture(scope="module")
+def padded_tp1(tmp_path_factory):
+    """arch -> (model folder, its TP=1 tokens), each made once (llama runs at TP 2 and 4)."""
+    made: dict[str, tuple[str, list[list[int]]]] = {}
+
+    def get(arch: str, monkeypatch) -> tuple[str, list[list[int]]]:
+        if arch not in made:
+            path = str(make_tiny_model(tmp_path_factory.mktemp(arch), arch, **PADDED[arch]))
+            made[arch] = path, greedy(path, 1, PADDED_PROMPTS, monkeypatch)
+        return made[arch]
+
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("arch", "tp"), [("llama", 2), ("llama", 4), ("qwen2", 4), ("qwen3", 2), ("gpt2", 2)]
 )
-def test_padded_heads_equal_tp1(arch, tp, tmp_path, monkeypatch):
-    path = str(make_tiny_model(tmp_path / arch, arch, **PADDED[arch]))
-    ps = prompts(3, seed=5)
-    assert greedy(path, tp, ps, monkeypatch) == greedy(path, 1, ps, monkeypatch)
+def test_padded_heads_equal_tp1(arch, tp, padded_tp1, monkeypatch):
+    path, want = padded_tp1(arch, monkeypatch)
+    assert greedy(path, tp, PADDED_PROMPTS, monkeypatch) == want
 
 
 SMOLLM2_PROMPTS = ["The capital of France is", "def add(a, b):"]

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.metadata
 import json
 from collections.abc import Sequence
@@ -355,29 +354,3 @@ SMOLLM2_PROMPTS = (
     (1604, 3987, 46477, 24, 94, 727, 198),
     (6403, 1980, 253, 655, 28, 281, 253, 1165, 6560, 28),
 )
-
-
-@functools.lru_cache(maxsize=4)
-def smollm2_reference(
-    prompts: tuple[tuple[int, ...], ...] = SMOLLM2_PROMPTS, max_new_tokens: int = 32
-) -> list[list[int]]:
-    """transformers' greedy tokens for SmolLM2, computed once per process (loading its
-    GGUF through transformers takes tens of seconds on two cores)."""
-    return hf_greedy_generate(smollm2_models()[1], prompts, max_new_tokens)
-
-
-@functools.lru_cache(maxsize=1)
-def smollm2_models() -> tuple[torch.nn.Module, Any]:
-    """SmolLM2 from its GGUF, once per process: (ours via load_model, transformers')."""
-    from transformers import AutoModelForCausalLM
-
-    from executor.loader import load_model
-
-    path = smollm2_gguf_path()
-    hf_model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32
-    ).eval()
-    # transformers has read the GGUF's config already; reusing it saves a second parse.
-    hf_config = json.loads(hf_model.config.to_json_string())
-    ours = load_model(make_engine_config(path, hf_config=hf_config), torch.device("cpu"))
-    return ours, hf_model
