@@ -4,7 +4,6 @@ GGUF reading is in test_smollm2.py.)"""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import gguf
@@ -21,15 +20,6 @@ from executor.models.registry import CausalLM
 from tests.helpers.tiny_models import make_engine_config, make_tiny_model
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny matmuls on a shared 2-core machine run far faster without thread handoffs.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

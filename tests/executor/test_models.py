@@ -7,7 +7,6 @@ must equal transformers' generate(do_sample=False) in float32.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,15 +66,6 @@ PROMPTS = [
 # Logit gap between the greedy token and the runner-up below which float rounding
 # could decide a tie; the tiny models are scaled to stay far above it.
 MIN_MARGIN = 1e-2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny matmuls on a shared 2-core machine run far faster without thread handoffs.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _case_id(case: tuple[str, dict[str, Any]]) -> str:

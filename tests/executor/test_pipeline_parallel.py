@@ -47,15 +47,6 @@ def prompts(n: int, seed: int) -> list[list[int]]:
     return [[rng.randint(10, 5000) for _ in range(rng.randint(3, 30))] for _ in range(n)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny matmuls on a shared 2-core machine run far faster without thread handoffs.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---- the layer split ------------------------------------------------------------------
 
 

@@ -31,15 +31,6 @@ MAX_NEW_TOKENS = 32
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # The two pytest workers share two cores: one torch thread each in this process.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def hf_model() -> Any:
     """transformers' model, from the GGUF with its own GGUF reader (weights and config)."""
