@@ -116,11 +116,9 @@ class EngineCore:
     def step(self) -> EngineCoreOutputs:
         if self.pipeline_depth > 1:
             return self._pipelined_step()
-        t0 = step_trace.now()
-        step_input = self.scheduler.schedule()
-        if not step_input.num_scheduled_tokens:
+        step_input = self._schedule()
+        if step_input is None:
             return EngineCoreOutputs([], self.scheduler.stats(), time.time())
-        step_trace.span("schedule", step_input.step_id, t0)
         t0 = step_trace.now()
         step_output = self.executor.execute(step_input)
         step_trace.span("execute", step_input.step_id, t0)
@@ -128,11 +126,9 @@ class EngineCore:
 
     def _pipelined_step(self) -> EngineCoreOutputs:
         while len(self.in_flight) < self.pipeline_depth:
-            t0 = step_trace.now()
-            step_input = self.scheduler.schedule()
-            if not step_input.num_scheduled_tokens:
+            step_input = self._schedule()
+            if step_input is None:
                 break  # everything schedulable is in flight already
-            step_trace.span("schedule", step_input.step_id, t0)
             t0 = step_trace.now()
             self.executor.submit(step_input)
             step_trace.span("submit", step_input.step_id, t0)
@@ -150,21 +146,24 @@ class EngineCore:
             )
         return self._update(step_input, step_output)
 
-    def _update(self, step_input: StepInput, step_output: StepOutput) -> EngineCoreOutputs:
+    def _schedule(self) -> StepInput | None:
+        """The next step, or None when nothing can be scheduled."""
         t0 = step_trace.now()
-        outputs = self._update_scheduler(step_input, step_output)
-        step_trace.span("update", step_input.step_id, t0)
-        return outputs
+        step_input = self.scheduler.schedule()
+        if not step_input.num_scheduled_tokens:
+            return None
+        step_trace.span("schedule", step_input.step_id, t0)
+        return step_input
 
-    def _update_scheduler(
-        self, step_input: StepInput, step_output: StepOutput
-    ) -> EngineCoreOutputs:
+    def _update(self, step_input: StepInput, step_output: StepOutput) -> EngineCoreOutputs:
         if step_output.error is not None:
             raise RuntimeError(
                 f"step {step_output.step_id} failed on a worker "
                 f"(requests {list(step_input.num_scheduled_tokens)}): {step_output.error}"
             )
+        t0 = step_trace.now()
         outputs = self.scheduler.update(step_input, step_output)
+        step_trace.span("update", step_input.step_id, t0)
         stats = self.scheduler.stats()
         stats.step_tokens = step_input.total_num_scheduled_tokens
         return EngineCoreOutputs(outputs, stats, time.time())

@@ -120,27 +120,20 @@ class StepGraphs:
         self.pool: Any = None
 
     def _metadata(self, size: int, kind: str) -> AttentionMetadata:
-        if kind == MIXED:
-            seqs = mixed_seqs(size)
-            return AttentionMetadata(
-                slot_mapping=self.slot_mapping[:size],
-                query_start_loc=self.mixed_query_start_loc[: seqs + 1],
-                seq_lens=self.seq_lens[:seqs],
-                block_tables=self.block_tables[:seqs],
-                max_query_len=size,
-                max_seq_len=self.max_seq_len,
-                query_start_loc_cpu=[0] * (seqs + 1),
-                seq_lens_cpu=[1] * seqs,
-            )
+        """A graph's metadata: `size` sequences of one query each, or for MIXED `size`
+        tokens over mixed_seqs(size) sequences of up to `size` queries."""
+        mixed = kind == MIXED
+        seqs = mixed_seqs(size) if mixed else size
+        qsl = self.mixed_query_start_loc if mixed else self.query_start_loc
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:size],
-            query_start_loc=self.query_start_loc[: size + 1],
-            seq_lens=self.seq_lens[:size],
-            block_tables=self.block_tables[:size],
-            max_query_len=1,
+            query_start_loc=qsl[: seqs + 1],
+            seq_lens=self.seq_lens[:seqs],
+            block_tables=self.block_tables[:seqs],
+            max_query_len=size if mixed else 1,
             max_seq_len=self.max_seq_len,
-            query_start_loc_cpu=list(range(size + 1)),
-            seq_lens_cpu=[1] * size,
+            query_start_loc_cpu=[0] * (seqs + 1) if mixed else list(range(seqs + 1)),
+            seq_lens_cpu=[1] * seqs,
             shared_prefix_len=self.shared_prefix_len if kind == CASCADE else None,
         )
 
