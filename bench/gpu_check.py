@@ -6,8 +6,8 @@
 Sections:
 - tiny: tiny random models of every architecture (--archs picks some), float32: greedy
   tokens equal transformers on the same GPU, with CUDA graphs and with --enforce-eager.
-- blocks: --block-size 8, 32, 64, 128 on tiny llama and qwen3, float32, greedy tokens
-  equal transformers (with CUDA graphs).
+- blocks: --block-size 8, 32, 64, 128 on tiny llama and qwen3 (--block-sizes and
+  --block-archs pick some), float32, greedy tokens equal transformers (CUDA graphs).
 - cascade: prompts behind a cached shared prefix (cascade attention in their decode
   steps), tiny llama and qwen3, float32, equal transformers with graphs, eager and off.
 - smollm2: SmolLM2 from the GGUF in float32, greedy tokens equal transformers.
@@ -120,11 +120,11 @@ def section_blocks(args) -> None:
     from tests.helpers.tiny_models import make_tiny_model
 
     tmp = Path(tempfile.mkdtemp())
-    for arch in ["llama", "qwen3"]:
+    for arch in args.block_archs.split(","):
         path = make_tiny_model(tmp / arch, arch)
         ps = prompts(4, seed=2, lo=60, hi=200)
         want = hf_greedy_cuda(path, ps, 24)
-        for block in (8, 32, 64, 128):
+        for block in map(int, args.block_sizes.split(",")):
             got = tessera_greedy(str(path), ps, 24, 512, dtype="float32", block_size=block)
             record("blocks", f"{arch} block {block}", got == want, first_divergence(got, want))
 
@@ -363,6 +363,8 @@ def main() -> None:
     parser.add_argument("--smollm2", default=None)
     parser.add_argument("--sections", default=",".join(SECTIONS))
     parser.add_argument("--archs", default=",".join(TINY_ARCHS), help="the tiny section's models")
+    parser.add_argument("--block-archs", default="llama,qwen3", help="the blocks section's")
+    parser.add_argument("--block-sizes", default="8,32,64,128", help="the blocks section's")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     for name in args.sections.split(","):

@@ -940,17 +940,20 @@ def choose_num_splits(
     The one-pass kernel runs one program per (sequence, KV head) for a decode batch; when
     those are fewer than the multiprocessors, most of the GPU idles while each program
     walks its context alone. Then, and only for decode-only batches (max_query_len == 1)
-    with contexts of at least SPLIT_KV_MIN_SEQ_LEN keys, the contexts are cut into enough
-    partitions for about two programs per multiprocessor, each at least
+    with contexts of at least SPLIT_KV_MIN_SEQ_LEN keys, the contexts are cut into as many
+    partitions as keep the programs at or under two per multiprocessor, each at least
     SPLIT_KV_MIN_PARTITION keys long, at most SPLIT_KV_MAX_SPLITS of them. On an H100
-    (132 SMs, 8 KV heads) this gives 32 splits at batch 1 and 4K context (81 -> 11 us),
-    8 at batch 4 and 1K, 3 at batch 16; none from batch 17 on, where splitting measured
-    no faster.
+    (132 SMs, 8 KV heads) this gives 32 splits at batch 1 and 4K context, 16 at batch 2,
+    8 at batch 4, 4 at batch 8, 2 at batch 16 and none from batch 17 on. In
+    bench/split_tune.py (W1's, W2's and 4K contexts) that was the fastest count at
+    batches 8 and 16, within 1.2 us of it at 2 and 4, and at most 7% off from 17 on; at
+    batch 1 every count from 12 up took 9-14 us. Rounding up (3 splits at batch 16)
+    cost 1-13% against 2.
     """
     programs = num_seqs * num_kv_heads
     if max_query_len != 1 or max_seq_len < SPLIT_KV_MIN_SEQ_LEN or programs >= sms:
         return 1
-    wanted = cdiv(2 * sms, max(1, programs))
+    wanted = 2 * sms // max(1, programs)
     return max(1, min(wanted, max_seq_len // SPLIT_KV_MIN_PARTITION, SPLIT_KV_MAX_SPLITS))
 
 

@@ -207,9 +207,10 @@ def test_public_function_uses_triton_when_forced(monkeypatch: pytest.MonkeyPatch
 def test_choose_num_splits() -> None:
     # decode-only, fewer programs than SMs: about two programs per SM, >= 128 keys each
     assert choose_num_splits(1, 8, 1, 4096, 132) == 32
-    assert choose_num_splits(4, 8, 1, 4096, 132) == 9
+    assert choose_num_splits(4, 8, 1, 4096, 132) == 8
     assert choose_num_splits(4, 8, 1, 1024, 132) == 8  # partitions of 128 keys
-    assert choose_num_splits(16, 8, 1, 4096, 132) == 3
+    assert choose_num_splits(16, 8, 1, 4096, 132) == 2
+    assert choose_num_splits(8, 8, 1, 4096, 132) == 4  # programs <= 2 per SM
     assert choose_num_splits(1, 1, 1, 1 << 20, 132) == 64  # capped
     assert choose_num_splits(17, 8, 1, 8192, 132) == 1  # a wave of programs already
     assert choose_num_splits(1, 8, 2, 8192, 132) == 1  # a prefill in the batch
