@@ -52,7 +52,8 @@ from executor.sampler import (
     temperature_only,
 )
 from executor.shared_prefix import shared_prefix_len
-from executor.transfer import to_device, to_host
+from executor.transfer import to_host
+from executor.upload import send_packed
 from executor.warmup import warm_up_prefill
 from kernels.dispatch import use_triton, use_triton_on
 
@@ -94,6 +95,7 @@ class _Batch:
     num_tokens: list[int]  # tokens computed per request this step
     sample_rows: list[int]  # indices into states of the requests that sample
     logits_index: list[int]  # the flat token index of each sampling row's last token
+    logits_index_dev: torch.Tensor | None = None  # the same on the device, once sent
 
 
 @dataclass
@@ -282,24 +284,30 @@ class ModelRunner:
         qsl = np.zeros(len(states) + 1, dtype=np.int32)
         np.cumsum(counts, out=qsl[1:])
         max_query_len = int(counts.max())
+        shared = 0
+        if self.use_cascade and max_query_len == 1:
+            shared = shared_prefix_len(tables, seq_lens, bs)
+        pending = [[i, r] for i, (_, r) in from_device]  # [P, 2]
+        input_ids, positions_dev, slots_dev, pending_dev, batch.logits_index_dev = send_packed(
+            self.device, np.int64, ids, positions, slots, pending, batch.logits_index
+        )
+        qsl_dev, seq_lens_dev, tables_dev, shared_dev = send_packed(
+            self.device, np.int32, qsl, seq_lens, tables, [shared]
+        )
         attn = AttentionMetadata(
-            slot_mapping=self._to_device(slots),
-            query_start_loc=self._to_device(qsl),
-            seq_lens=self._to_device(seq_lens.astype(np.int32)),
-            block_tables=self._to_device(tables),
+            slot_mapping=slots_dev,
+            query_start_loc=qsl_dev,
+            seq_lens=seq_lens_dev,
+            block_tables=tables_dev,
             max_query_len=max_query_len,
             max_seq_len=int(seq_lens.max()),
             query_start_loc_cpu=qsl.tolist(),
             seq_lens_cpu=seq_lens.tolist(),
+            shared_prefix_len=shared_dev if shared else None,
         )
-        if self.use_cascade and max_query_len == 1:
-            shared = shared_prefix_len(tables, seq_lens, bs)
-            if shared:
-                attn.shared_prefix_len = self._to_device(np.array([shared], dtype=np.int32))
-        input_ids = self._to_device(np.array(ids, dtype=np.int64))
         if from_device:
-            self._fill_from_device(input_ids, from_device)
-        return input_ids, self._to_device(positions), attn
+            self._fill_from_device(input_ids, from_device, pending_dev)
+        return input_ids, positions_dev, attn
 
     @staticmethod
     def _input_ids(
@@ -320,18 +328,16 @@ class ModelRunner:
             ids.append(0)
         return ids, from_device
 
+    @staticmethod
     def _fill_from_device(
-        self, input_ids: torch.Tensor, sources: list[tuple[int, tuple[torch.Tensor, int]]]
+        input_ids: torch.Tensor,
+        sources: list[tuple[int, tuple[torch.Tensor, int]]],
+        index: torch.Tensor,  # [P, 2] on the device: (flat index, row of the sampled ids)
     ) -> None:
         """input_ids[i] = the token a launched step sampled, without a host round trip."""
         sampled = sources[0][1][0]
         assert all(src is sampled for _, (src, _) in sources), "pending tokens of two steps"
-        index = np.array([[i, row] for i, (_, row) in sources], dtype=np.int64)  # [P, 2]
-        index_dev = self._to_device(index)
-        input_ids[index_dev[:, 0]] = sampled[index_dev[:, 1]]
-
-    def _to_device(self, a: np.ndarray) -> torch.Tensor:
-        return to_device(torch.from_numpy(a), self.device)
+        input_ids[index[:, 0]] = sampled[index[:, 1]]
 
     # ---- execute -----------------------------------------------------------------
     def execute(self, step: StepInput) -> StepOutput:
@@ -419,8 +425,10 @@ class ModelRunner:
         assert batch is not None
         if not batch.sample_rows:
             return
-        idx = self._to_device(np.array(batch.logits_index, dtype=np.int64))
-        logits = self.model.compute_logits(hidden[idx])  # [S, V], the model dtype
+        if len(batch.logits_index) == hidden.shape[0]:  # every token samples: decodes
+            logits = self.model.compute_logits(hidden)  # [S, V], the model dtype
+        else:
+            logits = self.model.compute_logits(hidden[batch.logits_index_dev])
         states = [batch.states[i] for i in batch.sample_rows]
         sbatch = SamplingBatch.build(
             [s.sampling for s in states],
