@@ -18,10 +18,9 @@ from engine_core.messages import SchedulerStats
 from engine_core.sampling_params import RequestOutputKind
 from engine_core.tokenizer import Tokenizer
 from tests.engine_core.test_processes import assert_no_children, prompts
+from tests.helpers.generate import GREEDY, token_ids
 from tests.helpers.processes import children
 from tests.helpers.tiny_models import make_tiny_model
-
-GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
@@ -152,16 +151,16 @@ def test_offline_dp2_equals_dp1(model, monkeypatch):
         picks: list[int] = []
         assign = llm.engine.balancer.assign
         llm.engine.balancer.assign = lambda core, ids: (picks.append(core), assign(core, ids))
-        dp2 = [o.outputs[0].token_ids for o in llm.generate(ps, greedy, use_tqdm=False)]
-        dp2_seeded = [o.outputs[0].token_ids for o in llm.generate(ps, seeded, use_tqdm=False)]
+        dp2 = token_ids(llm.generate(ps, greedy, use_tqdm=False))
+        dp2_seeded = token_ids(llm.generate(ps, seeded, use_tqdm=False))
         assert len(llm.collective_rpc("check_health")) == 2  # one worker on each core
         assert llm.reset_prefix_cache() is True
     assert sorted(set(picks)) == [0, 1]
     assert_no_children()
     monkeypatch.setenv("TESSERA_ENABLE_MULTIPROCESSING", "0")
     with LLM(model, max_model_len=256, distributed_executor_backend="uni") as llm:
-        dp1 = [o.outputs[0].token_ids for o in llm.generate(ps, greedy, use_tqdm=False)]
-        dp1_seeded = [o.outputs[0].token_ids for o in llm.generate(ps, seeded, use_tqdm=False)]
+        dp1 = token_ids(llm.generate(ps, greedy, use_tqdm=False))
+        dp1_seeded = token_ids(llm.generate(ps, seeded, use_tqdm=False))
     assert dp2 == dp1
     assert dp2_seeded == dp1_seeded  # a seeded request samples alike on any core
 

@@ -6,33 +6,23 @@ tests/executor/test_smollm2.py, with the other SmolLM2 checks: one transformers 
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator
 
 import pytest
 
 from engine_core import LLM, SamplingParams
 from engine_core.config import ADMISSION_HORIZON_ENV
+from tests.helpers.generate import GREEDY, random_prompts, token_ids
 from tests.helpers.reference import hf_greedy, load_hf_model
 from tests.helpers.tiny_models import make_tiny_model
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "opt", "gpt2"]
-GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
 @pytest.fixture(autouse=True)
 def _in_process(monkeypatch):
     # The engine core in this process: these tests are about tokens, not processes.
     monkeypatch.setenv("TESSERA_ENABLE_MULTIPROCESSING", "0")
-
-
-def random_prompts(n: int, lengths: tuple[int, int], seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randint(10, 5000) for _ in range(rng.randint(*lengths))] for _ in range(n)]
-
-
-def token_ids(outputs) -> list[list[int]]:
-    return [o.outputs[0].token_ids for o in outputs]
 
 
 @pytest.fixture(scope="module", params=ARCHS)

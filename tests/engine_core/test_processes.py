@@ -21,10 +21,9 @@ from engine_core.messages import AbortRequests, EngineCoreRequest, UtilityCall
 from engine_core.sampling_params import RequestOutputKind
 from engine_core.tokenizer import Tokenizer
 from executor.messages import SamplingOptions
+from tests.helpers.generate import GREEDY, random_prompts, token_ids
 from tests.helpers.processes import children
 from tests.helpers.tiny_models import make_tiny_model
-
-GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +32,7 @@ def model(tmp_path_factory):
 
 
 def prompts(n: int, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randint(10, 5000) for _ in range(rng.randint(2, 40))] for _ in range(n)]
+    return random_prompts(n, (2, 40), seed)
 
 
 def assert_no_children(timeout: float = 10.0) -> None:
@@ -51,12 +49,12 @@ def test_mp_equals_in_process(model, monkeypatch):
     monkeypatch.setenv("TESSERA_ENABLE_MULTIPROCESSING", "1")
     with LLM(model, max_model_len=256, distributed_executor_backend="mp") as llm:
         names = sorted(p.name() for p in children())
-        mp = [o.outputs[0].token_ids for o in llm.generate(ps, params)]
+        mp = token_ids(llm.generate(ps, params))
     assert len(names) == 2  # the engine core and its worker
     assert_no_children()
     monkeypatch.setenv("TESSERA_ENABLE_MULTIPROCESSING", "0")
     with LLM(model, max_model_len=256, distributed_executor_backend="uni") as llm:
-        inproc = [o.outputs[0].token_ids for o in llm.generate(ps, params)]
+        inproc = token_ids(llm.generate(ps, params))
     assert mp == inproc
 
 

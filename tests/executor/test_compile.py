@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_core import LLM, SamplingParams
+from engine_core import LLM
+from tests.helpers.generate import greedy_tokens
 from tests.helpers.tiny_models import make_tiny_model
 
 PROMPTS = [[11, 402, 93, 1204, 77, 5], [300, 301, 302, 9, 17, 2048, 4000, 12, 8], [7, 8, 9]]
-GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
 
 @pytest.fixture(autouse=True)
@@ -20,10 +20,10 @@ def _in_process(monkeypatch):
 
 def _tokens(path, **kw) -> list[list[int]]:
     with LLM(str(path), max_model_len=128, distributed_executor_backend="uni", **kw) as llm:
-        out = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        out = greedy_tokens(llm, PROMPTS, 8)
         forward = llm.engine.core.executor.worker.runner.model.forward
     assert hasattr(forward, "_torchdynamo_orig_callable") == ("compilation_config" in kw)
-    return [o.outputs[0].token_ids for o in out]
+    return out
 
 
 @pytest.mark.slow

@@ -7,11 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine_core import LLM, SamplingParams
+from engine_core import LLM
 from executor.cuda_graphs import MIXED, MIXED_MAX_SEQS, StepGraphs, mixed_seqs, mixed_sizes
-
-GREEDY = dict(temperature=0.0, ignore_eos=True)
-
+from tests.helpers.generate import greedy_tokens
 
 pytestmark = pytest.mark.usefixtures("in_process")
 
@@ -41,18 +39,13 @@ class _EagerReplay:
         self.graphs.outputs[self.key] = self.graphs._forward(*self.key)
 
 
-def _tokens(llm: LLM, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, **GREEDY), use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in outs]
-
-
 def test_padded_steps_give_the_eager_tokens(tiny_llama) -> None:
     # Prompts of 3..38 tokens: their prefill steps fill mixed graphs of 16..64 tokens with
     # padding tokens and sequences; a prompt of 200 tokens goes in chunks of the 64-token
     # budget beside decodes, mixed steps too; decode batches of 1..9 pad to 1..16.
     prompts = [list(range(100 + i, 103 + 5 * i)) for i in range(8)] + [list(range(7, 207))]
     with LLM(str(tiny_llama), max_model_len=256, block_size=16) as llm:
-        want = _tokens(llm, prompts, 12)
+        want = greedy_tokens(llm, prompts, 12)
     with LLM(
         str(tiny_llama),
         max_model_len=256,
@@ -66,7 +59,7 @@ def test_padded_steps_give_the_eager_tokens(tiny_llama) -> None:
         replays = {key: _EagerReplay(graphs, key) for key in graphs._keys()}
         graphs.graphs = replays  # type: ignore[assignment]
         runner.graphs = graphs
-        assert _tokens(llm, prompts, 12) == want
+        assert greedy_tokens(llm, prompts, 12) == want
     mixed = sum(r.replays for (_, kind), r in replays.items() if kind == MIXED)
     decode = sum(r.replays for (_, kind), r in replays.items() if kind != MIXED)
     assert mixed > 0 and decode > 0

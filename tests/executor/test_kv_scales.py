@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 from engine_core import LLM, SamplingParams
 from engine_core.config import ConfigError
 from executor.loader.kv_scales import split_kv_scales
+from tests.helpers.generate import GREEDY
 
-GREEDY = dict(temperature=0.0, ignore_eos=True)
 PROMPTS = [[11, 402, 93, 1204, 77, 5], [300, 301, 302, 9, 17, 2048, 4000, 12, 8]]
 
 

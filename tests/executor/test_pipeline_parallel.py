@@ -7,7 +7,6 @@ rank) and check greedy tokens against one worker, and that micro-batches overlap
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +22,7 @@ from engine_core.args import EngineArgs
 from engine_core.config import ConfigError, resolve_config
 from executor.loader import load_model
 from executor.pipeline import PPGroup, set_pp_group, stage_layers
+from tests.helpers.generate import GREEDY, random_prompts
 from tests.helpers.processes import children
 from tests.helpers.tiny_models import (
     TINY_ARCHS,
@@ -32,7 +32,6 @@ from tests.helpers.tiny_models import (
     smollm2_gguf_path,
 )
 
-GREEDY = dict(temperature=0.0, ignore_eos=True)
 # SmolLM2 token ids of "The capital of France is", "def fibonacci(n):\n" and
 # "Once upon a time, in a small village,".
 SMOLLM2_PROMPTS = [
@@ -40,11 +39,6 @@ SMOLLM2_PROMPTS = [
     [1604, 3987, 46477, 24, 94, 727, 198],
     [6403, 1980, 253, 655, 28, 281, 253, 1165, 6560, 28],
 ]
-
-
-def prompts(n: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randint(10, 5000) for _ in range(rng.randint(3, 30))] for _ in range(n)]
 
 
 # ---- the layer split ------------------------------------------------------------------
@@ -118,7 +112,7 @@ def test_chained_stages_equal_the_whole_model(arch: str, overrides: dict, tmp_pa
     config = make_engine_config(path)
     whole = load_model(config, torch.device("cpu"))
     hf_config = config.model.hf_config
-    ps = prompts(3, seed=1)
+    ps = random_prompts(3, seed=1)
     want = greedy_generate(whole, hf_config, ps, max_new_tokens=8).tokens
     for num_stages in (2, 3):
         stages = load_stages(path, num_stages)
@@ -224,7 +218,7 @@ TP_PP_ARCHS = ("llama", "qwen3", "gpt2")
 @pytest.mark.parametrize("tp, pp", [(1, 2), (2, 2)], ids=["pp2", "tp2-pp2"])
 def test_pipeline_equals_one_worker(tp, pp, tiny_models, monkeypatch, no_leftovers) -> None:
     # 5 requests: micro-batches of 3 and 2 run in the two stages at once
-    ps = prompts(5, seed=4)
+    ps = random_prompts(5, seed=4)
     for arch, path in tiny_models.items():
         if tp > 1 and arch not in TP_PP_ARCHS:
             continue

@@ -5,7 +5,6 @@ tokens of TP=1 and leaves nothing behind; the automatic choice of the backend; t
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import tempfile
 import time
@@ -16,21 +15,11 @@ import psutil
 import pytest
 
 import engine_core.config as config_module
-from engine_core import LLM, SamplingParams
+from engine_core import LLM
 from engine_core.args import EngineArgs
 from engine_core.config import ConfigError, auto_backend, resolve_config
+from tests.helpers.generate import greedy_tokens, random_prompts
 from tests.helpers.tiny_models import make_tiny_model
-
-GREEDY = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=12)
-
-
-def prompts(n: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randint(10, 5000) for _ in range(rng.randint(3, 30))] for _ in range(n)]
-
-
-def greedy_tokens(llm: LLM, ps: list[list[int]]) -> list[list[int]]:
-    return [o.outputs[0].token_ids for o in llm.generate(ps, GREEDY, use_tqdm=False)]
 
 
 @pytest.fixture
@@ -62,15 +51,15 @@ def test_ray_tp2_equals_tp1_and_cleans_up(ray_cluster, tmp_path, monkeypatch):
 
     ray = ray_cluster
     path = str(make_tiny_model(tmp_path / "llama", "llama"))
-    ps = prompts(4, seed=3)
+    ps = random_prompts(4, seed=3)
     monkeypatch.setenv("TESSERA_ENABLE_MULTIPROCESSING", "0")  # the executor in this process
     with LLM(path, max_model_len=256, distributed_executor_backend="uni") as llm:
-        reference = greedy_tokens(llm, ps)
+        reference = greedy_tokens(llm, ps, 12)
 
     with LLM(
         path, max_model_len=256, tensor_parallel_size=2, distributed_executor_backend="ray"
     ) as llm:
-        assert greedy_tokens(llm, ps) == reference
+        assert greedy_tokens(llm, ps, 12) == reference
         assert llm.collective_rpc("kv_cache_dtype_name") == ["torch.float32"] * 2
         executor = llm.engine.core.executor
         executor.check_health()

@@ -18,6 +18,7 @@ import torch
 
 from engine_core import LLM, SamplingParams
 from executor.loader import load_model
+from tests.helpers.generate import GREEDY
 from tests.helpers.tiny_models import (
     SMOLLM2_PROMPTS,
     greedy_generate,
@@ -28,7 +29,6 @@ from tests.helpers.tiny_models import (
 
 MODEL = "tessera/smollm2-135m-instruct"  # the alias of the GGUF the loads below read
 MAX_NEW_TOKENS = 32
-GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
 from engine_core import LLM, SamplingParams
 from engine_core.args import EngineArgs
 from engine_core.config import ConfigError, resolve_config
+from tests.helpers.generate import GREEDY, random_prompts, token_ids
 from tests.helpers.tiny_models import TINY_ARCHS, make_tiny_model, smollm2_gguf_path
-
-GREEDY = dict(temperature=0.0, ignore_eos=True)
-
-
-def prompts(n: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randint(10, 5000) for _ in range(rng.randint(3, 30))] for _ in range(n)]
 
 
 def greedy(path: str, tp: int, ps, monkeypatch, max_tokens: int = 12, **engine_args):
@@ -38,14 +30,14 @@ def greedy(path: str, tp: int, ps, monkeypatch, max_tokens: int = 12, **engine_a
         if tp > 1:
             shapes = llm.collective_rpc("kv_cache_dtype_name")
             assert len(shapes) == tp  # one answer per rank
-    return [o.outputs[0].token_ids for o in outs]
+    return token_ids(outs)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_tp2_equals_tp1(arch, tmp_path, monkeypatch):
     path = str(make_tiny_model(tmp_path / arch, arch))
-    ps = prompts(4, seed=3)
+    ps = random_prompts(4, seed=3)
     assert greedy(path, 2, ps, monkeypatch) == greedy(path, 1, ps, monkeypatch)
 
 
@@ -59,7 +51,7 @@ PADDED = {
 }
 
 
-PADDED_PROMPTS = prompts(3, seed=5)
+PADDED_PROMPTS = random_prompts(3, seed=5)
 
 
 @pytest.fixture(scope="module")
