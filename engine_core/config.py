@@ -381,9 +381,11 @@ RULES: dict[str, Rule] = {
         "weight offloading to the CPU is not in this build yet", check=_non_negative
     ),
     "gpu_memory_utilization": _works(
-        "on CUDA the KV cache takes this fraction of the device's memory, less the weights "
-        "and the peak of a profiled step (a forward at the token budget, then the widest "
-        "sampling); on the CPU the cache size comes from TESSERA_CPU_KVCACHE_SPACE",
+        "on CUDA this instance's share of the device's memory (per instance: other "
+        "processes do not shrink it, but it must be free at startup); the KV cache takes "
+        "the share less the weights, the peak of a profiled step (a forward at the token "
+        "budget, then the widest sampling) and this process's memory outside torch; on "
+        "the CPU the cache size comes from TESSERA_CPU_KVCACHE_SPACE",
         check=_fraction,
     ),
     "num_gpu_blocks_override": _works(check=_positive),

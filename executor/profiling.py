@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import msgspec
 import torch
 
@@ -12,6 +14,8 @@ from executor.sampler import Sampler, SamplerOutput, SamplingBatch
 from executor.warmup import dummy_forward
 from kernels.dispatch import use_triton
 from kernels.sampling import sample_tokens_triton
+
+GIB = 1 << 30
 
 
 class KVCacheSizeError(RuntimeError):
@@ -61,25 +65,65 @@ def widest_batch(rows: int, vocab: int, max_logprobs: int, device: torch.device)
     return SamplingBatch.build(options, no_ids, no_ids, {}, vocab, device)
 
 
-def available_kv_bytes(runner, config: EngineConfig) -> int:
-    """Bytes left for the KV cache: utilization x total - weights - the profiled step's peak."""
+@dataclass(frozen=True)
+class MemorySnapshot:
+    """A device's memory as its driver and this process's torch allocator see it."""
+
+    free: int
+    total: int
+    torch_reserved: int
+
+    @property
+    def non_torch(self) -> int:
+        """Used, but not through this process's allocator: other processes, CUDA
+        contexts, cuBLAS and NCCL workspaces."""
+        return self.total - self.free - self.torch_reserved
+
+
+def memory_snapshot(device: torch.device) -> MemorySnapshot:
+    free, total = torch.cuda.mem_get_info(device)
+    return MemorySnapshot(free, total, torch.cuda.memory_reserved(device))
+
+
+def check_share_is_free(util: float, startup: MemorySnapshot) -> None:
+    """--gpu-memory-utilization is this instance's share of the device, as vLLM's: other
+    processes' memory does not shrink it (two instances of 0.45 share a device), but
+    the share must be free when the instance starts."""
+    requested = util * startup.total
+    if startup.free < requested:
+        raise KVCacheSizeError(
+            f"--gpu-memory-utilization {util:.2f} asks for {requested / GIB:.1f} GiB of "
+            f"the device's {startup.total / GIB:.1f} GiB, but only {startup.free / GIB:.1f} "
+            "GiB are free (other processes hold the rest): lower --gpu-memory-utilization "
+            "or free the device"
+        )
+
+
+def kv_budget(util: float, startup: MemorySnapshot, after: MemorySnapshot, peak: int) -> int:
+    """Bytes for the KV cache: this instance's share, less the weights and the profiled
+    step's peak (`peak`, torch's) and what this process took outside torch since it
+    started (`after` against `startup`)."""
+    own_non_torch = max(after.non_torch - startup.non_torch, 0)
+    budget = int(startup.total * util) - peak - own_non_torch
+    if budget <= 0:
+        raise KVCacheSizeError(
+            f"no KV cache block fits: {util:.2f} x {startup.total / GIB:.1f} GiB allowed, "
+            f"{peak / GIB:.2f} GiB taken by weights and peak activations, "
+            f"{own_non_torch / GIB:.2f} GiB by this process outside torch; "
+            "raise --gpu-memory-utilization or lower --max-model-len / --max-num-batched-tokens"
+        )
+    return budget
+
+
+def available_kv_bytes(runner, config: EngineConfig, startup: MemorySnapshot) -> int:
+    """Bytes left for the KV cache after a profiled step (see kv_budget); `startup` is
+    the device's memory when this worker started."""
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    free_before, total = torch.cuda.mem_get_info()
-    non_torch = total - free_before - torch.cuda.memory_reserved()
     _profile_forward(runner, config)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     torch.cuda.empty_cache()
-    util = config.cache.gpu_memory_utilization
-    budget = int(total * util) - peak - max(non_torch, 0)
-    if budget <= 0:
-        gib = 1 << 30
-        raise KVCacheSizeError(
-            f"no KV cache block fits: {util:.2f} x {total / gib:.1f} GiB allowed, "
-            f"{peak / gib:.2f} GiB taken by weights and peak activations, "
-            f"{max(non_torch, 0) / gib:.2f} GiB by other processes; "
-            "raise --gpu-memory-utilization or lower --max-model-len / --max-num-batched-tokens"
-        )
-    return budget
+    after = memory_snapshot(runner.device)
+    return kv_budget(config.cache.gpu_memory_utilization, startup, after, peak)

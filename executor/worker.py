@@ -6,6 +6,7 @@ import importlib
 import logging
 import os
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,6 +14,9 @@ from executor.config import ArgumentError, EngineConfig, ParallelConfig
 from executor.messages import StepInput, StepOutput
 from executor.model_runner import Launched, ModelRunner
 from executor.profiler import WorkerProfiler
+
+if TYPE_CHECKING:
+    from executor.profiling import MemorySnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +41,9 @@ class Worker:
         if self.config.device.device == "cuda":
             index = self.config.parallel.first_device + self.local_rank
             torch.cuda.set_device(index)
-            return torch.device("cuda", index)
+            device = torch.device("cuda", index)
+            self._memory_at_start = self._check_memory_share(device)
+            return device
         _share_cpu_threads(self.config)
         return torch.device("cpu")
 
@@ -92,11 +98,21 @@ class Worker:
             return int(cache.cpu_kv_cache_space_gib * (1 << 30)) // self.bytes_per_block()
         return self._profile_cuda_blocks()
 
+    def _check_memory_share(self, device: torch.device) -> MemorySnapshot:
+        """The device's memory now, before this worker holds any; with the KV cache to
+        be sized by profiling, first a check that this instance's share is free."""
+        from executor.profiling import check_share_is_free, memory_snapshot
+
+        snapshot = memory_snapshot(device)
+        if self.config.cache.num_gpu_blocks_override is None:
+            check_share_is_free(self.config.cache.gpu_memory_utilization, snapshot)
+        return snapshot
+
     def _profile_cuda_blocks(self) -> int:
         from executor.profiling import available_kv_bytes
 
         assert self.runner is not None
-        free_bytes = available_kv_bytes(self.runner, self.config)
+        free_bytes = available_kv_bytes(self.runner, self.config, self._memory_at_start)
         blocks = free_bytes // self.bytes_per_block()
         logger.info("KV cache: %d blocks (%.2f GiB)", blocks, free_bytes / (1 << 30))
         return int(blocks)
