@@ -30,6 +30,8 @@ OUT is set.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import os
 import random
@@ -38,7 +40,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from floors import copy_bandwidth_gbs  # sibling script
@@ -79,17 +83,42 @@ class _OnDevice:
         return self.model(ids.cuda(), **kw)
 
 
-def tessera_greedy(path: str, ps, n: int, max_model_len: int = 1024, **kw) -> list[list[int]]:
-    from engine_core import LLM, SamplingParams
+# How the token checks start their engines (--engines): "mp", the default, as a user's
+# engine: the engine core and the worker in processes of their own, the worker
+# launching each step before it answers the one before (the path CUDA runs in
+# production). "inprocess" runs both in this process, synchronously: no process starts,
+# the kernels one engine loaded stay loaded for the next, a 0.3 share of the GPU (tiny
+# models need little KV cache); faster, but the overlapped worker goes unchecked.
+ENGINE_MODE = {"mode": "mp"}
 
-    llm = LLM(path, device="cuda", max_model_len=max_model_len, **kw)
+
+@contextlib.contextmanager
+def engine(path: str, processes: bool = False, **kw: Any) -> Iterator[Any]:
+    """A CUDA engine for one check (in processes of its own when `processes`, whatever
+    --engines says), shut down and its memory freed after it."""
+    from engine_core import LLM
+
+    if ENGINE_MODE["mode"] == "inprocess" and not processes:
+        os.environ["TESSERA_ENABLE_MULTIPROCESSING"] = "0"
+        kw = {"distributed_executor_backend": "uni", "gpu_memory_utilization": 0.3, **kw}
+    else:
+        os.environ["TESSERA_ENABLE_MULTIPROCESSING"] = "1"
+    llm = LLM(path, device="cuda", **kw)
     try:
-        outs = llm.generate(
-            ps, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), use_tqdm=False
-        )
-        return [o.outputs[0].token_ids for o in outs]
+        yield llm
     finally:
         llm.shutdown()
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def tessera_greedy(path: str, ps, n: int, max_model_len: int = 1024, **kw: Any) -> list[list[int]]:
+    from engine_core import SamplingParams
+
+    with engine(path, max_model_len=max_model_len, **kw) as llm:
+        params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        return [o.outputs[0].token_ids for o in llm.generate(ps, params, use_tqdm=False)]
 
 
 def first_divergence(a: list[list[int]], b: list[list[int]]) -> str:
@@ -137,7 +166,7 @@ def section_cascade(args) -> None:
     """Cascade attention: 12 prompts behind a 300-token prefix the cache already holds
     (their decode steps share 256 keys), tiny llama and qwen3 in float32 against
     transformers, with CUDA graphs, eagerly, and with --disable-cascade-attn."""
-    from engine_core import LLM, SamplingParams
+    from engine_core import SamplingParams
     from tests.helpers.tiny_models import make_tiny_model
 
     tmp = Path(tempfile.mkdtemp())
@@ -148,10 +177,9 @@ def section_cascade(args) -> None:
         path = make_tiny_model(tmp / arch, arch)
         want = hf_greedy_cuda(path, ps, 24)
         for kw in ({}, {"enforce_eager": True}, {"disable_cascade_attn": True}):
-            llm = LLM(str(path), device="cuda", dtype="float32", max_model_len=512, **kw)
-            llm.generate([shared], SamplingParams(max_tokens=1), use_tqdm=False)
-            outs = llm.generate(ps, greedy, use_tqdm=False)
-            llm.shutdown()
+            with engine(str(path), dtype="float32", max_model_len=512, **kw) as llm:
+                llm.generate([shared], SamplingParams(max_tokens=1), use_tqdm=False)
+                outs = llm.generate(ps, greedy, use_tqdm=False)
             got = [o.outputs[0].token_ids for o in outs]
             label = " ".join(kw) or "graphs"
             record("cascade", f"{arch} fp32 {label}", got == want, first_divergence(got, want))
@@ -172,16 +200,14 @@ def section_smollm2(args) -> None:
 
 
 def section_bf16(args) -> None:
-    from engine_core import LLM, SamplingParams
+    from engine_core import SamplingParams
     from tests.helpers.reference import load_hf_model
 
     path = Path(args.smollm2)
     ps = prompts(4, seed=5, lo=64, hi=128)
-    llm = LLM(str(path), device="cuda", dtype="bfloat16", max_model_len=1024)
-    outs = llm.generate(
-        ps, SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0), use_tqdm=False
-    )
-    llm.shutdown()
+    with engine(str(path), dtype="bfloat16", max_model_len=1024) as llm:
+        params = SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0)
+        outs = llm.generate(ps, params, use_tqdm=False)
     model = load_hf_model(path).to(dtype=torch.bfloat16, device="cuda")
     agree = total = 0
     max_diff = 0.0
@@ -224,7 +250,10 @@ def section_compile(args) -> None:
         path = make_tiny_model(tmp / arch, arch)
         ps = prompts(4, seed=1)
         want = hf_greedy_cuda(path, ps, 16)
-        got = tessera_greedy(str(path), ps, 16, 512, dtype="float32", compilation_config=3)
+        # a process of its own: torch.compile's caches would keep an in-process model
+        got = tessera_greedy(
+            str(path), ps, 16, 512, dtype="float32", compilation_config=3, processes=True
+        )
         record("compile", f"{arch} fp32 -O3 graphs", got == want, first_divergence(got, want))
     _, floor_ms = eight_b_floor()
     for level in ("0", "3"):
@@ -259,21 +288,18 @@ def _latency_rows(section: str, extra: list[str], timeout: int = 500) -> list[di
 
 def section_fp8(args) -> None:
     """FP8 KV cache with scales calculated on the first step (graphs captured after it)."""
-    from engine_core import LLM, SamplingParams
+    from engine_core import SamplingParams
     from tests.helpers.tiny_models import make_tiny_model
 
     path = make_tiny_model(Path(tempfile.mkdtemp()) / "llama", "llama")
     ps = prompts(4, seed=3)
     want = tessera_greedy(str(path), ps, 8, 512, dtype="float32")
-    kw = dict(kv_cache_dtype="fp8", calculate_kv_scales=True)
-    llm = LLM(str(path), device="cuda", dtype="float32", max_model_len=512, **kw)
-    try:
+    fp8: dict[str, Any] = dict(kv_cache_dtype="fp8", calculate_kv_scales=True)
+    with engine(str(path), dtype="float32", max_model_len=512, **fp8) as llm:
         params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
         got = [o.outputs[0].token_ids for o in llm.generate(ps, params, use_tqdm=False)]
         scales = llm.collective_rpc("kv_scales")[0]
         graphs = llm.collective_rpc("has_cuda_graphs")[0]
-    finally:
-        llm.shutdown()
     first_same = [g[0] for g in got] == [w[0] for w in want]
     record("fp8", "tiny llama calculated scales", all(k != 1.0 for k, _ in scales), str(scales))
     record("fp8", "graphs captured after the first step", graphs, "")
@@ -381,9 +407,13 @@ def main() -> None:
     parser.add_argument("--smollm2", default=None)
     parser.add_argument("--sections", default=DEFAULT_SECTIONS, help='names, or "all"')
     parser.add_argument("--archs", default=",".join(TINY_ARCHS), help="the tiny section's models")
+    parser.add_argument(
+        "--engines", choices=["mp", "inprocess"], default="mp", help="see ENGINE_MODE"
+    )
     parser.add_argument("--block-archs", default="llama,qwen3", help="the blocks section's")
     parser.add_argument("--block-sizes", default="8,32,64,128", help="the blocks section's")
     args = parser.parse_args()
+    ENGINE_MODE["mode"] = args.engines
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     names = list(SECTIONS) if args.sections == "all" else args.sections.split(",")
     start = time.monotonic()
