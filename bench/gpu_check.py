@@ -24,7 +24,7 @@ Sections (the first six are the default: what the GPU-path issue asks of one run
 - fp8: an FP8 KV cache with --calculate-kv-scales: scales set, graphs captured after the
   first step, first tokens as with the float32 cache.
 Prints a short table last, with the run's time; JSON goes to $OUT/gpu_check.json when
-OUT is set.
+OUT is set. Exit status 1 if any check failed.
 """
 
 from __future__ import annotations
@@ -431,6 +431,8 @@ def main() -> None:
         print(f"| {r['section']} | {r['check']} | {ok} | {r['detail'][:90]} |")
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "gpu_check.json").write_text(json.dumps(RESULTS, indent=2))
+    if any(r["ok"] is False for r in RESULTS):
+        sys.exit(1)  # a failed check fails the run (bench/gpu_suite.sh's `check` step)
 
 
 if __name__ == "__main__":

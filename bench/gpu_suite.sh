@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU performance suite: the floors and workloads W1-W6 of the performance issue,
-# Tessera against vLLM's numbers (and transformers' generate on W1 and W3).
+# Tessera against vLLM's numbers (and transformers' generate on W1 and W3), after the
+# greedy-correctness check that must hold every time (`check`: bench/gpu_check.py's tiny
+# llama and qwen3 against transformers in fp32, with CUDA graphs and eager).
 #
-#   bench/gpu_suite.sh [--smoke] [floors] [w1] ... [w6]     (no workload named: all)
+#   bench/gpu_suite.sh [--smoke] [check] [floors] [w1] ... [w6]     (none named: all)
 #
 # Run from the repository root; JSON per workload and each step's log go to $OUT (default
 # /tmp/gpu_suite), then one table (bench/suite_table.py). Steps are cut short to end within
@@ -27,11 +29,11 @@ WORK=()
 for arg in "$@"; do
   case $arg in
     --smoke) SMOKE=1 ;;
-    floors | w[1-6]) WORK+=("$arg") ;;
-    *) echo "unknown workload: $arg (floors, w1 ... w6, --smoke)" >&2; exit 2 ;;
+    check | floors | w[1-6]) WORK+=("$arg") ;;
+    *) echo "unknown workload: $arg (check, floors, w1 ... w6, --smoke)" >&2; exit 2 ;;
   esac
 done
-[ ${#WORK[@]} -eq 0 ] && WORK=(floors w1 w2 w3 w4 w5 w6)
+[ ${#WORK[@]} -eq 0 ] && WORK=(check floors w1 w2 w3 w4 w5 w6)
 
 # ---- sizes: the issue's, or tiny ones for a CPU smoke run --------------------------------
 if [ "$SMOKE" = 1 ]; then
@@ -105,6 +107,11 @@ BIG=$MODELS/$(basename "$BIG_SRC") SMALL=$MODELS/$(basename "$SMALL_SRC")
 BIG_ARGS=(--model "$BIG" "${ENGINE[@]}" --max-model-len 2048)
 
 # ---- the workloads -------------------------------------------------------------------------
+check() { # greedy tokens equal transformers' (CUDA only: the CPU's are tests/)
+  [ "$SMOKE" = 1 ] && { echo "=== check: skipped on the CPU (the test suite covers it)"; return 0; }
+  step check 240 "$PY" bench/gpu_check.py --sections tiny --archs llama,qwen3
+}
+
 floors() { step floors 120 "$PY" bench/floors.py "${FLOORS[@]}" --output-json "$OUT/floors.json"; }
 
 w1() { # offline throughput, and transformers on the first HF_N prompts
