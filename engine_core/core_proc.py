@@ -108,7 +108,10 @@ def _setup_logging(log_file: str, level: int, process_name: str) -> None:
 class EngineCoreProc:
     def __init__(self, core: EngineCore, ctx: zmq.Context, addrs: CoreAddresses) -> None:
         self.core = core
-        self.inq: queue.Queue[Any] = queue.Queue()
+        # SimpleQueue: its put is reentrant, so the signal handler below may put while
+        # the interrupted main thread is inside get. queue.Queue's put would wait for the
+        # lock the main thread holds: the core hung on SIGTERM until killed, now and then.
+        self.inq: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.outq: queue.Queue[Any] = queue.Queue()
         self._input: Receiver[ClientMessage] = Receiver(
             ctx, zmq.PULL, addrs.input, False, ClientMessage
