@@ -60,6 +60,9 @@ class CoreReady(msgspec.Struct, tag=True):
 HandshakeMessage = CoreHello | CoreReady
 
 
+IDLE_WAKE_S = 0.1
+
+
 class _Stop:
     """Queued by a signal handler or a dead worker: leave the loop."""
 
@@ -175,7 +178,11 @@ class EngineCoreProc:
 
     def _drain(self, block: bool) -> _Stop | None:
         try:
-            msg = self.inq.get(block=block)
+            # An idle wait wakes every IDLE_WAKE_S: a SIGTERM that the kernel hands to an
+            # IO thread does not interrupt this thread's wait, and its Python handler
+            # runs only once this thread runs Python again (without the wake the core
+            # sat out the client's 10 s grace and was killed, now and then).
+            msg = self.inq.get(block=block, timeout=IDLE_WAKE_S if block else None)
         except queue.Empty:
             return None
         while True:
