@@ -34,7 +34,6 @@ import contextlib
 import gc
 import json
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,8 @@ from typing import Any
 import torch
 from floors import copy_bandwidth_gbs  # sibling script
 
+from tests.helpers.generate import greedy_tokens, random_prompts, token_ids
+
 RESULTS: list[dict] = []
 
 
@@ -56,11 +57,6 @@ def record(section: str, check: str, ok: bool | None, detail: str) -> None:
         f"[{section}] {check}: {'ok' if ok else ('-' if ok is None else 'FAIL')} {detail}",
         flush=True,
     )
-
-
-def prompts(n: int, seed: int, lo: int = 3, hi: int = 40) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randint(10, 5000) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
 def hf_greedy_cuda(path: Path, ps: list[list[int]], n: int, dtype=torch.float32) -> list[list[int]]:
@@ -114,11 +110,8 @@ def engine(path: str, processes: bool = False, **kw: Any) -> Iterator[Any]:
 
 
 def tessera_greedy(path: str, ps, n: int, max_model_len: int = 1024, **kw: Any) -> list[list[int]]:
-    from engine_core import SamplingParams
-
     with engine(path, max_model_len=max_model_len, **kw) as llm:
-        params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-        return [o.outputs[0].token_ids for o in llm.generate(ps, params, use_tqdm=False)]
+        return greedy_tokens(llm, ps, n)
 
 
 def first_divergence(a: list[list[int]], b: list[list[int]]) -> str:
@@ -138,7 +131,7 @@ def section_tiny(args) -> None:
     tmp = Path(tempfile.mkdtemp())
     for arch in args.archs.split(","):
         path = make_tiny_model(tmp / arch, arch)
-        ps = prompts(4, seed=1)
+        ps = random_prompts(4, (3, 40), seed=1)
         want = hf_greedy_cuda(path, ps, 16)
         for eager in (False, True):
             got = tessera_greedy(str(path), ps, 16, 512, dtype="float32", enforce_eager=eager)
@@ -155,7 +148,7 @@ def section_blocks(args) -> None:
     tmp = Path(tempfile.mkdtemp())
     for arch in args.block_archs.split(","):
         path = make_tiny_model(tmp / arch, arch)
-        ps = prompts(4, seed=2, lo=60, hi=200)
+        ps = random_prompts(4, (60, 200), seed=2)
         want = hf_greedy_cuda(path, ps, 24)
         for block in map(int, args.block_sizes.split(",")):
             got = tessera_greedy(str(path), ps, 24, 512, dtype="float32", block_size=block)
@@ -170,8 +163,8 @@ def section_cascade(args) -> None:
     from tests.helpers.tiny_models import make_tiny_model
 
     tmp = Path(tempfile.mkdtemp())
-    shared = prompts(1, seed=3, lo=300, hi=300)[0]
-    ps = [shared + p for p in prompts(12, seed=4, lo=1, hi=30)]
+    shared = random_prompts(1, (300, 300), seed=3)[0]
+    ps = [shared + p for p in random_prompts(12, (1, 30), seed=4)]
     greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     for arch in ["llama", "qwen3"]:
         path = make_tiny_model(tmp / arch, arch)
@@ -180,7 +173,7 @@ def section_cascade(args) -> None:
             with engine(str(path), dtype="float32", max_model_len=512, **kw) as llm:
                 llm.generate([shared], SamplingParams(max_tokens=1), use_tqdm=False)
                 outs = llm.generate(ps, greedy, use_tqdm=False)
-            got = [o.outputs[0].token_ids for o in outs]
+            got = token_ids(outs)
             label = " ".join(kw) or "graphs"
             record("cascade", f"{arch} fp32 {label}", got == want, first_divergence(got, want))
 
@@ -204,7 +197,7 @@ def section_bf16(args) -> None:
     from tests.helpers.reference import load_hf_model
 
     path = Path(args.smollm2)
-    ps = prompts(4, seed=5, lo=64, hi=128)
+    ps = random_prompts(4, (64, 128), seed=5)
     with engine(str(path), dtype="bfloat16", max_model_len=1024) as llm:
         params = SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0)
         outs = llm.generate(ps, params, use_tqdm=False)
@@ -248,7 +241,7 @@ def section_compile(args) -> None:
     tmp = Path(tempfile.mkdtemp())
     for arch in ["llama", "qwen3", "gpt2"]:
         path = make_tiny_model(tmp / arch, arch)
-        ps = prompts(4, seed=1)
+        ps = random_prompts(4, (3, 40), seed=1)
         want = hf_greedy_cuda(path, ps, 16)
         # a process of its own: torch.compile's caches would keep an in-process model
         got = tessera_greedy(
@@ -288,16 +281,14 @@ def _latency_rows(section: str, extra: list[str], timeout: int = 500) -> list[di
 
 def section_fp8(args) -> None:
     """FP8 KV cache with scales calculated on the first step (graphs captured after it)."""
-    from engine_core import SamplingParams
     from tests.helpers.tiny_models import make_tiny_model
 
     path = make_tiny_model(Path(tempfile.mkdtemp()) / "llama", "llama")
-    ps = prompts(4, seed=3)
+    ps = random_prompts(4, (3, 40), seed=3)
     want = tessera_greedy(str(path), ps, 8, 512, dtype="float32")
     fp8: dict[str, Any] = dict(kv_cache_dtype="fp8", calculate_kv_scales=True)
     with engine(str(path), dtype="float32", max_model_len=512, **fp8) as llm:
-        params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-        got = [o.outputs[0].token_ids for o in llm.generate(ps, params, use_tqdm=False)]
+        got = greedy_tokens(llm, ps, 8)
         scales = llm.collective_rpc("kv_scales")[0]
         graphs = llm.collective_rpc("has_cuda_graphs")[0]
     first_same = [g[0] for g in got] == [w[0] for w in want]
