@@ -80,15 +80,23 @@ class _Recorder:
     def _wrap(self, runner: Any) -> None:
         launch, finish, forward = runner._launch, runner._finish, runner._forward
 
-        def timed_launch(step: Any) -> Any:
+        def timed_launch(step: Any, between: Any = None) -> Any:
             self._phases = dict.fromkeys(PHASES, 0.0)
+            outside = [0.0]  # `between` (the step before's answer) is not this launch's
+
+            def timed_between() -> None:
+                t = time.perf_counter()
+                between()
+                outside[0] += time.perf_counter() - t
+
             t0 = time.perf_counter()
-            out = launch(step)
+            idle = t0 - self._last_finish  # before `between` finishes the step before
+            out = launch(step, timed_between if between is not None else None)
             counts = step.num_scheduled_tokens
             shape = (len(counts), max(counts.values(), default=1) > 1)
             self.tokens += sum(counts.values())
-            host = time.perf_counter() - t0
-            self.steps.append((*shape, host, t0 - self._last_finish, *self._phases.values()))
+            host = time.perf_counter() - t0 - outside[0]
+            self.steps.append((*shape, host, idle, *self._phases.values()))
             self._last_shape = shape
             return out
 

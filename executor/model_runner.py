@@ -344,10 +344,13 @@ class ModelRunner:
         return self.finish(self.launch(step))
 
     @torch.inference_mode()
-    def launch(self, step: StepInput) -> Launched:
+    def launch(self, step: StepInput, between: Callable[[], None] | None = None) -> Launched:
+        """Queue the step on the device. `between`, if given, is called once its forward
+        is queued and before its sampling is: the worker process answers the step before
+        there (executor/worker_proc.py). A step without sampling never calls it."""
         t0 = time.perf_counter()
         try:
-            return self._launch(step)
+            return self._launch(step, between)
         finally:
             self.execute_time_s += time.perf_counter() - t0
 
@@ -358,7 +361,7 @@ class ModelRunner:
             self.execute_time_s += time.perf_counter() - t0
         return launched.output
 
-    def _launch(self, step: StepInput) -> Launched:
+    def _launch(self, step: StepInput, between: Callable[[], None] | None = None) -> Launched:
         self._apply_step(step)
         if not step.num_scheduled_tokens:
             return Launched(step, output=StepOutput(step.step_id))
@@ -375,6 +378,8 @@ class ModelRunner:
             self._advance(batch)
             return Launched(step, output=StepOutput(step.step_id))  # the last stage answers
         launched = Launched(step, batch, prompt_logprobs=self._prompt_logprobs(batch, hidden))
+        if between is not None:
+            between()
         self._sample(launched, hidden)
         self._advance(batch)
         if self._capture_after_first_step:

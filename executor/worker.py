@@ -6,6 +6,7 @@ import importlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -132,10 +133,11 @@ class Worker:
         assert self.runner is not None
         return self.runner.execute(step)
 
-    def launch(self, step: StepInput) -> Launched:
-        """Queue the step on the device; `finish` gives its output (see model_runner.py)."""
+    def launch(self, step: StepInput, between: Callable[[], None] | None = None) -> Launched:
+        """Queue the step on the device; `finish` gives its output (see model_runner.py).
+        `between` runs after its forward is queued, before its sampling is."""
         assert self.runner is not None
-        return self.runner.launch(step)
+        return self.runner.launch(step, between)
 
     def finish(self, launched: Launched) -> StepOutput:
         assert self.runner is not None

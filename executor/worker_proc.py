@@ -105,9 +105,9 @@ def _serve(worker: Any, rank: int, sub: Receiver, results: Sender) -> None:
     """Serve broadcast messages until shutdown.
 
     A step is launched (queued on the device) and answered once the next message has
-    come and been launched, or once the device is done with it and no message came:
-    the device then never waits for the host between steps (the engine core keeps the
-    next step queued here; see executor/model_runner.py).
+    come and its forward been launched, or once the device is done with it and no
+    message came: the device then never waits for the host between steps (the engine
+    core keeps the next step queued here; see executor/model_runner.py).
     """
     pending: Any = None  # the launched step not answered yet
     overlap = getattr(worker, "overlaps_steps", False)
@@ -121,11 +121,7 @@ def _serve(worker: Any, rank: int, sub: Receiver, results: Sender) -> None:
             logger.exception("malformed message dropped")
             continue
         if isinstance(msg, StepInput) and overlap:
-            t0 = step_trace.now()
-            launched = _guarded(msg.step_id, functools.partial(worker.launch, msg))
-            step_trace.span("launch", msg.step_id, t0)
-            _answer_pending(worker, results, pending)
-            pending = launched
+            pending = _launch_overlapped(worker, results, msg, pending)
             continue
         _answer_pending(worker, results, pending)  # everything else waits for it
         pending = None
@@ -137,6 +133,30 @@ def _serve(worker: Any, rank: int, sub: Receiver, results: Sender) -> None:
                 freeze_startup_heap(f"worker {rank}")
         elif isinstance(msg, WorkerShutdown):
             return
+
+
+def _launch_overlapped(worker: Any, results: Sender, step: StepInput, pending: Any) -> Any:
+    """Launch `step` while the step before it runs; answer that one in between.
+
+    The step before is finished and answered once this one's forward is queued, before
+    its sampling is: the engine core then schedules the next step while this worker
+    queues the sampling, not after. (On W2's short tail steps the host's round trip had
+    outlasted the device's step.) Returns the launched step; its `launch` trace span
+    holds the step before's `finish` and `answer`.
+    """
+    answered = False
+
+    def answer_before() -> None:
+        nonlocal answered
+        answered = True
+        _answer_pending(worker, results, pending)
+
+    t0 = step_trace.now()
+    launched = _guarded(step.step_id, functools.partial(worker.launch, step, answer_before))
+    step_trace.span("launch", step.step_id, t0)
+    if not answered:  # this step samples nothing, or failed before its sampling
+        _answer_pending(worker, results, pending)
+    return launched
 
 
 def _next_message_or_done(sub: Receiver, launched: Any) -> bool:

@@ -258,3 +258,32 @@ def test_mp_engine_with_async_scheduling_equals_sync(tmp_path, monkeypatch):
     )
     assert most == 2
     assert overlapped == want
+
+
+@pytest.mark.slow
+def test_the_worker_answers_a_step_between_the_next_ones_forward_and_sampling(
+    tmp_path, monkeypatch
+):
+    # executor/worker_proc.py: once step N+1's forward is queued, step N is finished and
+    # answered, and only then is N+1's sampling queued
+    path = str(make_tiny_model(tmp_path, "llama"))
+    monkeypatch.setenv("TESSERA_ENABLE_MULTIPROCESSING", "0")
+    worker_cls = "tests.helpers.worker_classes.StepOrderWorker"
+    with LLM(path, max_model_len=128, skip_tokenizer_init=True, worker_cls=worker_cls) as llm:
+        params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+        outs = llm.generate([[5, 6, 7], [8, 9], [10, 11, 12, 13]], params, use_tqdm=False)
+        events = [tuple(e) for e in llm.collective_rpc("step_events")[0]]
+    assert all(len(o.outputs[0].token_ids) == 24 for o in outs)
+    answered_between = 0
+    for i, (kind, step_id) in enumerate(events):
+        if kind != "between":
+            continue
+        before = events[i - 1]
+        assert before == ("launch", step_id)  # the forward ran, the sampling did not yet
+        after = events[i + 1]
+        if after[0] == "finish":  # the step launched before this one
+            launches = [e[1] for e in events[:i] if e[0] == "launch"]
+            assert after[1] == launches[-2]
+            assert events[i + 2] == ("launched", step_id)
+            answered_between += 1
+    assert answered_between > 0

@@ -65,6 +65,31 @@ class OverlappingWorker(Worker):
         return self.config.parallel.pipeline_parallel_size == 1
 
 
+class StepOrderWorker(OverlappingWorker):
+    """--worker-cls: an OverlappingWorker that records, per step id, when its launch
+    began ("launch"), when its `between` ran ("between"), when it was finished
+    ("finish") and when its launch returned ("launched")."""
+
+    def launch(self, step, between=None):
+        events = self.__dict__.setdefault("events", [])
+        events.append(("launch", step.step_id))
+
+        def noted() -> None:
+            events.append(("between", step.step_id))
+            between()
+
+        out = super().launch(step, noted if between is not None else None)
+        events.append(("launched", step.step_id))
+        return out
+
+    def finish(self, launched):
+        self.__dict__.setdefault("events", []).append(("finish", launched.step.step_id))
+        return super().finish(launched)
+
+    def step_events(self) -> list[tuple[str, int]]:
+        return self.__dict__.get("events", [])
+
+
 class HeapState:
     """--worker-extension-cls: how many objects the garbage collector has frozen."""
 
