@@ -23,8 +23,15 @@ Sections (the first six are the default: what the GPU-path issue asks of one run
   models; 8B batch-1 time per step at -O0 and -O3.
 - fp8: an FP8 KV cache with --calculate-kv-scales: scales set, graphs captured after the
   first step, first tokens as with the float32 cache.
-Prints a short table last, with the run's time; JSON goes to $OUT/gpu_check.json when
-OUT is set. Exit status 1 if any check failed.
+The token checks run first, --jobs of them at once (see POOLED), then the timed ones
+alone. Prints a short table last, with the run's time; JSON goes to $OUT/gpu_check.json
+when OUT is set. Exit status 1 if any check failed.
+
+On the device tool's image: carry the wheels of shared/device-wheels and, for the server
+section, openai<2 (the image has httpx, openai 2 wants httpx2) with pydantic,
+pydantic-core, annotated-types, typing-inspection, distro, jiter and sniffio. The
+SmolLM2 GGUF (98 MB) is over a call's 64 MiB: carry it in two parts over two calls of
+one warm machine (`head -c`/`tail -c`, copied to /tmp in the first, joined in the second).
 """
 
 from __future__ import annotations
@@ -44,7 +51,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from floors import copy_bandwidth_gbs  # sibling script
+from check_pool import Unit, run_pool  # sibling scripts
+from floors import copy_bandwidth_gbs
 
 from tests.helpers.generate import greedy_tokens, random_prompts, token_ids
 
@@ -59,10 +67,12 @@ def record(section: str, check: str, ok: bool | None, detail: str) -> None:
     )
 
 
-def hf_greedy_cuda(path: Path, ps: list[list[int]], n: int, dtype=torch.float32) -> list[list[int]]:
+def hf_greedy_on_device(
+    path: Path, ps: list[list[int]], n: int, dtype=torch.float32
+) -> list[list[int]]:
     from tests.helpers.reference import hf_greedy, load_hf_model
 
-    model = load_hf_model(path).to(dtype=dtype, device="cuda")
+    model = load_hf_model(path).to(dtype=dtype, device=ENGINE_MODE["device"])
     out = hf_greedy(_OnDevice(model), ps, n)
     del model
     torch.cuda.empty_cache()
@@ -76,7 +86,7 @@ class _OnDevice:
         self.model = model
 
     def __call__(self, ids, **kw):
-        return self.model(ids.cuda(), **kw)
+        return self.model(ids.to(ENGINE_MODE["device"]), **kw)
 
 
 # How the token checks start their engines (--engines): "mp", the default, as a user's
@@ -85,7 +95,9 @@ class _OnDevice:
 # production). "inprocess" runs both in this process, synchronously: no process starts,
 # the kernels one engine loaded stay loaded for the next, a 0.3 share of the GPU (tiny
 # models need little KV cache); faster, but the overlapped worker goes unchecked.
-ENGINE_MODE = {"mode": "mp"}
+# "share": the --gpu-memory-utilization of every engine a pooled check starts (checks
+# run side by side on one device, each in its own share; see POOLED).
+ENGINE_MODE: dict[str, Any] = {"mode": "mp", "share": None, "device": "cuda"}
 
 
 @contextlib.contextmanager
@@ -94,12 +106,14 @@ def engine(path: str, processes: bool = False, **kw: Any) -> Iterator[Any]:
     --engines says), shut down and its memory freed after it."""
     from engine_core import LLM
 
+    share = ENGINE_MODE["share"]
     if ENGINE_MODE["mode"] == "inprocess" and not processes:
         os.environ["TESSERA_ENABLE_MULTIPROCESSING"] = "0"
-        kw = {"distributed_executor_backend": "uni", "gpu_memory_utilization": 0.3, **kw}
+        kw = {"distributed_executor_backend": "uni", "gpu_memory_utilization": share or 0.3, **kw}
     else:
         os.environ["TESSERA_ENABLE_MULTIPROCESSING"] = "1"
-    llm = LLM(path, device="cuda", **kw)
+        kw = {"gpu_memory_utilization": share, **kw} if share else kw
+    llm = LLM(path, device=ENGINE_MODE["device"], **kw)
     try:
         yield llm
     finally:
@@ -132,7 +146,7 @@ def section_tiny(args) -> None:
     for arch in args.archs.split(","):
         path = make_tiny_model(tmp / arch, arch)
         ps = random_prompts(4, (3, 40), seed=1)
-        want = hf_greedy_cuda(path, ps, 16)
+        want = hf_greedy_on_device(path, ps, 16)
         for eager in (False, True):
             got = tessera_greedy(str(path), ps, 16, 512, dtype="float32", enforce_eager=eager)
             mode = "eager" if eager else "graphs"
@@ -149,7 +163,7 @@ def section_blocks(args) -> None:
     for arch in args.block_archs.split(","):
         path = make_tiny_model(tmp / arch, arch)
         ps = random_prompts(4, (60, 200), seed=2)
-        want = hf_greedy_cuda(path, ps, 24)
+        want = hf_greedy_on_device(path, ps, 24)
         for block in map(int, args.block_sizes.split(",")):
             got = tessera_greedy(str(path), ps, 24, 512, dtype="float32", block_size=block)
             record("blocks", f"{arch} block {block}", got == want, first_divergence(got, want))
@@ -168,7 +182,7 @@ def section_cascade(args) -> None:
     greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     for arch in ["llama", "qwen3"]:
         path = make_tiny_model(tmp / arch, arch)
-        want = hf_greedy_cuda(path, ps, 24)
+        want = hf_greedy_on_device(path, ps, 24)
         for kw in ({}, {"enforce_eager": True}, {"disable_cascade_attn": True}):
             with engine(str(path), dtype="float32", max_model_len=512, **kw) as llm:
                 llm.generate([shared], SamplingParams(max_tokens=1), use_tqdm=False)
@@ -185,7 +199,7 @@ def section_smollm2(args) -> None:
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, there"]
     ps = [tok.encode(t) for t in texts]
-    want = hf_greedy_cuda(path, ps, 32)
+    want = hf_greedy_on_device(path, ps, 32)
     for eager in (False, True):
         got = tessera_greedy(str(path), ps, 32, dtype="float32", enforce_eager=eager)
         mode = "eager" if eager else "graphs"
@@ -201,12 +215,13 @@ def section_bf16(args) -> None:
     with engine(str(path), dtype="bfloat16", max_model_len=1024) as llm:
         params = SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0)
         outs = llm.generate(ps, params, use_tqdm=False)
-    model = load_hf_model(path).to(dtype=torch.bfloat16, device="cuda")
+    device = ENGINE_MODE["device"]
+    model = load_hf_model(path).to(dtype=torch.bfloat16, device=device)
     agree = total = 0
     max_diff = 0.0
     for p, o in zip(ps, outs, strict=True):
         with torch.inference_mode():
-            logp = torch.log_softmax(model(torch.tensor([p], device="cuda")).logits[0].float(), -1)
+            logp = torch.log_softmax(model(torch.tensor([p], device=device)).logits[0].float(), -1)
         for pos in range(1, len(p)):
             ours = o.prompt_logprobs[pos]
             ref_top = int(logp[pos - 1].argmax())
@@ -242,7 +257,7 @@ def section_compile(args) -> None:
     for arch in ["llama", "qwen3", "gpt2"]:
         path = make_tiny_model(tmp / arch, arch)
         ps = random_prompts(4, (3, 40), seed=1)
-        want = hf_greedy_cuda(path, ps, 16)
+        want = hf_greedy_on_device(path, ps, 16)
         # a process of its own: torch.compile's caches would keep an in-process model
         got = tessera_greedy(
             str(path), ps, 16, 512, dtype="float32", compilation_config=3, processes=True
@@ -327,6 +342,11 @@ def section_server(args) -> None:
             "1024",
             "--served-model-name",
             "smollm2",
+            *(
+                ["--gpu-memory-utilization", str(ENGINE_MODE["share"])]
+                if ENGINE_MODE["share"]
+                else []
+            ),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -393,6 +413,64 @@ SECTIONS = {
 DEFAULT_SECTIONS = "tiny,smollm2,bf16,kernels,latency,server"
 
 
+# The sections that only compare tokens. With --jobs above 1 they run first, as child
+# processes side by side (one unit per tiny model), each engine in a POOL_SHARE of the
+# device: most of such a check is process starts, imports and Triton compiles, which
+# the machine's cores run in parallel. The timed sections (kernels, latency, compile)
+# run after them, alone on the device. The value names the option a section splits by;
+# the order, longest unit first (SmolLM2's two GGUF loads and two engines), is the
+# order they start in, so that the longest does not start last.
+POOLED = {"smollm2": None, "cascade": None, "bf16": None, "server": None, "fp8": None,
+          "blocks": "block_archs", "tiny": "archs"}  # fmt: skip
+POOL_SHARE = 0.08
+UNIT_TIMEOUT_S = 480
+
+
+def pooled_units(names: list[str], args) -> list[Unit]:
+    """One child run of this script per section, or per model of a section split by one."""
+    units = []
+    for name in [n for n in POOLED if n in names]:
+        split = POOLED[name]
+        for value in getattr(args, split).split(",") if split else [None]:
+            only = [f"--{split.replace('_', '-')}", value] if split and value else []
+            argv = [sys.executable, str(Path(__file__).resolve()), "--sections", name, *only]
+            units.append(Unit(f"{name}-{value}" if value else name, argv + _child_args(args)))
+    return units
+
+
+def _child_args(args) -> list[str]:
+    given = ["--smollm2", args.smollm2] if args.smollm2 else []
+    return [*given, "--jobs", "1", "--gpu-share", str(POOL_SHARE), "--engines", args.engines,
+            "--block-sizes", args.block_sizes, "--device", args.device]  # fmt: skip
+
+
+def run_pooled(names: list[str], args) -> None:
+    def done(unit: str, records: list[dict], seconds: float) -> None:
+        for r in records:
+            record(**r)
+        print(f"[{unit}] took {seconds:.0f} s", flush=True)
+
+    t0 = time.monotonic()
+    run_pool(pooled_units(names, args), args.jobs, UNIT_TIMEOUT_S, on_done=done)
+    print(f"[pooled {','.join(names)}] took {time.monotonic() - t0:.0f} s", flush=True)
+
+
+def run_section(name: str, args) -> None:
+    t0 = time.monotonic()
+    try:
+        SECTIONS[name](args)
+    except Exception:
+        record(name, "section", False, traceback.format_exc()[-3000:])
+    print(f"[{name}] took {time.monotonic() - t0:.0f} s", flush=True)
+
+
+def print_table() -> None:
+    print("\n| section | check | ok | detail |\n| --- | --- | --- | --- |")
+    for r in RESULTS:
+        ok = "-" if r["ok"] is None else ("yes" if r["ok"] else "NO")
+        print(f"| {r['section']} | {r['check']} | {ok} | {r['detail'][:90]} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--smollm2", default=None)
@@ -403,23 +481,26 @@ def main() -> None:
     )
     parser.add_argument("--block-archs", default="llama,qwen3", help="the blocks section's")
     parser.add_argument("--block-sizes", default="8,32,64,128", help="the blocks section's")
+    parser.add_argument("--jobs", type=int, default=6, help="pooled checks at once (see POOLED)")
+    parser.add_argument("--gpu-share", type=float, default=None, help=argparse.SUPPRESS)
+    # cpu: a dry run of the token checks and the pool on a machine without a GPU (tests)
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     args = parser.parse_args()
-    ENGINE_MODE["mode"] = args.engines
-    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    ENGINE_MODE.update(mode=args.engines, share=args.gpu_share, device=args.device)
+    card = torch.cuda.get_device_name() if args.device == "cuda" else args.device
+    print(card, torch.__version__, flush=True)
     names = list(SECTIONS) if args.sections == "all" else args.sections.split(",")
     start = time.monotonic()
+    if args.jobs > 1:
+        run_pooled([n for n in names if n in POOLED], args)
+        names = [n for n in names if n not in POOLED]
     for name in names:
-        t0 = time.monotonic()
-        try:
-            SECTIONS[name](args)
-        except Exception:
-            record(name, "section", False, traceback.format_exc()[-3000:])
-        print(f"[{name}] took {time.monotonic() - t0:.0f} s", flush=True)
-    record("run", f"sections {','.join(names)}", None, f"{time.monotonic() - start:.0f} s")
-    print("\n| section | check | ok | detail |\n| --- | --- | --- | --- |")
-    for r in RESULTS:
-        ok = "-" if r["ok"] is None else ("yes" if r["ok"] else "NO")
-        print(f"| {r['section']} | {r['check']} | {ok} | {r['detail'][:90]} |")
+        run_section(name, args)
+    if os.environ.get("CHECK_RECORDS"):  # a unit of a parent's pool
+        Path(os.environ["CHECK_RECORDS"]).write_text(json.dumps(RESULTS))
+        return
+    record("run", f"sections {args.sections}", None, f"{time.monotonic() - start:.0f} s")
+    print_table()
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "gpu_check.json").write_text(json.dumps(RESULTS, indent=2))
     if any(r["ok"] is False for r in RESULTS):
