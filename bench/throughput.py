@@ -61,11 +61,16 @@ def run_tessera(args, prompts: list[list[int]], max_tokens: list[int]) -> dict:
         # warm-up on other prompts than the timed ones, so the prefix cache holds none of them
         warm = make_prompts(2, 16, 1000, args.seed + 1)
         llm.generate(warm, SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
+        before = llm.collective_rpc("allocator_stats")[0]
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - t0
+        after = llm.collective_rpc("allocator_stats")[0]
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    return _summary("tessera", prompts, out_tokens, elapsed)
+    summary = _summary("tessera", prompts, out_tokens, elapsed)
+    if after:  # rank 0's CUDA allocator during the timed run: retries stall the host
+        summary["allocator"] = {k: after[k] - before[k] for k in after}
+    return summary
 
 
 def load_hf_model(config):

@@ -195,6 +195,16 @@ class Worker:
         assert self.runner is not None
         return self.runner.graphs is not None
 
+    def allocator_stats(self) -> dict[str, int]:
+        """The CUDA caching allocator's counters ({} off CUDA). A step whose tensors do
+        not fit the cached blocks makes it free its cache and retry (num_alloc_retries);
+        each cudaFree there waits for the device, which shows as host time in a step's
+        launch (bench/throughput.py reports the counts of its run)."""
+        if self.device.type != "cuda":
+            return {}
+        stats = torch.cuda.memory_stats(self.device)
+        return {k: int(stats.get(k, 0)) for k in ALLOCATOR_COUNTERS}
+
     def get_timing(self) -> dict[str, float]:
         """Model-forward seconds and steps so far (what bench/overhead.py subtracts)."""
         assert self.runner is not None
@@ -204,6 +214,15 @@ class Worker:
             "execute_s": runner.execute_time_s,
             "steps": runner.num_steps,
         }
+
+
+ALLOCATOR_COUNTERS = (
+    "num_alloc_retries",
+    "num_ooms",
+    "num_device_alloc",
+    "num_device_free",
+    "num_sync_all_streams",
+)
 
 
 def import_class(qualname: str, flag: str) -> type:
