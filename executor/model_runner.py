@@ -52,7 +52,7 @@ from executor.sampler import (
     temperature_only,
 )
 from executor.shared_prefix import shared_prefix_len
-from executor.transfer import to_host
+from executor.transfer import to_device, to_host
 from executor.upload import send_packed
 from executor.warmup import warm_up_prefill
 from kernels.dispatch import use_triton, use_triton_on
@@ -480,7 +480,8 @@ class ModelRunner:
             end = min(start + n, s.num_prompt_tokens - 1)
             if k is not None and end > start:
                 logits = self.model.compute_logits(hidden[offset : offset + end - start])
-                targets = torch.tensor(s.token_ids[start + 1 : end + 1], device=hidden.device)
+                # through pinned memory: a pageable copy would wait for the forward
+                targets = to_device(torch.tensor(s.token_ids[start + 1 : end + 1]), hidden.device)
                 result[s.req_id] = compute_prompt_logprobs(logits, targets, k)
             offset += n
         return result
