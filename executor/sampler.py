@@ -428,14 +428,17 @@ class Sampler:
         return SamplerOutput(token_ids, gather_logprobs(raw, token_ids, batch.max_num_logprobs))
 
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        logits = apply_logits_processors(logits, batch)  # [S, V]
+        processed = apply_logits_processors(logits, batch)  # [S, V]
         if batch.all_greedy:
-            return logits.argmax(dim=-1)
-        sampled = sample_random(logits, batch)  # [S]
-        if batch.all_random:
+            return processed.argmax(dim=-1)
+        greedy = None if batch.all_random else processed.argmax(dim=-1)  # [S], before
+        # a copy of our own (the processors made one) is scaled in place: one [S, V]
+        # temporary fewer at the sampler's peak, which the KV cache budget pays for
+        sampled = sample_random(processed, batch, in_place=processed is not logits)  # [S]
+        if greedy is None:
             return sampled
         assert batch.greedy is not None
-        return torch.where(batch.greedy, logits.argmax(dim=-1), sampled)
+        return torch.where(batch.greedy, greedy, sampled)
 
 
 def apply_logits_processors(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -473,26 +476,37 @@ def apply_penalties(logits: torch.Tensor, p: Penalties) -> None:
     penalty and negative ones multiplied; frequency: minus count * f; presence: minus
     p for every token present in the output.
     """
-    rows = logits[p.rows]  # [P, V]
+    rows = logits[p.rows]  # [P, V], a copy changed in place (one [P, V] temporary at most)
     if p.seen is not None:
-        scaled = torch.where(rows > 0, rows / p.repetition, rows * p.repetition)
-        rows = torch.where(p.seen, scaled, rows)
-    rows = rows - p.frequency * p.output_counts
-    rows = rows - p.presence * (p.output_counts > 0).float()
+        positive = rows > 0
+        # x * 1 and x / 1 are exact: the same values as a where() of the two results
+        rows.mul_(torch.where(p.seen & ~positive, p.repetition, 1.0))
+        rows.div_(torch.where(p.seen & positive, p.repetition, 1.0))
+        del positive
+    rows.sub_(p.frequency * p.output_counts)  # not addcmul_: a fused multiply-add rounds once
+    rows.sub_(torch.where(p.output_counts > 0, p.presence, 0.0))
     logits[p.rows] = rows
 
 
-def sample_random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Temperature, top-k, top-p, min-p, then one exponential-race draw per row: [S]."""
+def sample_random(
+    logits: torch.Tensor, batch: SamplingBatch, in_place: bool = False
+) -> torch.Tensor:
+    """Temperature, top-k, top-p, min-p, then one exponential-race draw per row: [S].
+    `in_place`: `logits` may be overwritten (else it is left as it was)."""
     assert batch.temperature is not None
-    logits = logits / batch.temperature  # [S, V], a new tensor we may change in place
+    if in_place:
+        logits = logits.div_(batch.temperature)
+    else:
+        logits = logits / batch.temperature  # [S, V], a new tensor we may change in place
     if batch.top_k is not None or batch.top_p is not None:
         apply_top_k_top_p(logits, batch)
     probs = torch.softmax(logits, dim=-1)  # [S, V]
+    del logits  # ours is freed here, before the [S, V] temporaries below
     if batch.min_p is not None:
-        probs = apply_min_p(probs, batch.min_p)
+        apply_min_p(probs, batch.min_p)
     # The race needs no renormalisation: argmax(c * p / E) = argmax(p / E).
-    return (probs / exponential_noise(probs, batch)).argmax(dim=-1)
+    noise = exponential_noise(probs, batch)
+    return torch.div(probs, noise, out=noise).argmax(dim=-1)
 
 
 def apply_top_k_top_p(logits: torch.Tensor, batch: SamplingBatch) -> None:
@@ -532,17 +546,18 @@ def _top_k_cutoff(candidates: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor
 def _top_p_cutoff(candidates: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """The smallest logit of each row's top-p prefix: [S, K] descending -> [S, 1]."""
     probs = torch.softmax(candidates, dim=-1)  # [S, K]
-    mass_before = probs.cumsum(dim=-1) - probs  # [S, K], exclusive cumsum
+    mass_before = probs.cumsum(dim=-1).sub_(probs)  # [S, K], exclusive cumsum
+    del probs
     num_kept = (mass_before < top_p).sum(dim=-1, keepdim=True)  # [S, 1], >= 1 since p > 0
     cutoff = candidates.gather(1, num_kept - 1)  # [S, 1]
     # rows without top-p (p > 1) keep everything, also beyond a truncated candidate list
     return cutoff.masked_fill(top_p > 1.0, float("-inf"))
 
 
-def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Zero the probabilities below min_p times the row's largest: [S, V] -> [S, V]."""
+def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> None:
+    """In place: zero the probabilities below min_p times the row's largest: [S, V]."""
     threshold = min_p * probs.amax(dim=-1, keepdim=True)  # [S, 1]
-    return probs.masked_fill(probs < threshold, 0.0)
+    probs.masked_fill_(probs < threshold, 0.0)
 
 
 def exponential_noise(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
