@@ -15,7 +15,9 @@ import os
 import signal
 import subprocess
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +43,7 @@ def run_pool(units: list[Unit], jobs: int, timeout_s: float, on_done=None) -> li
     """Every unit's records in the units' order; at most `jobs` run at once. `on_done`
     (unit name, its records, seconds) is called as each one ends."""
     done: dict[str, list[dict]] = {}
-    with tempfile.TemporaryDirectory(prefix="check-pool-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="check-pool-") as tmp, _exit_on_sigterm():
         queue = list(units)
         running: list[_Running] = []
         try:
@@ -58,6 +60,25 @@ def run_pool(units: list[Unit], jobs: int, timeout_s: float, on_done=None) -> li
             for r in running:
                 _kill(r)
     return [rec for u in units for rec in done[u.name]]
+
+
+@contextlib.contextmanager
+def _exit_on_sigterm() -> Iterator[None]:
+    """A SIGTERM (a run's time limit, say) ends the pool through its finally: the units
+    sit in sessions of their own, so the signal would not reach them, and they would
+    outlive it holding the GPU."""
+
+    def _exit(signum, frame) -> None:
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _start(unit: Unit, tmp: Path) -> _Running:

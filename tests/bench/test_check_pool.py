@@ -86,3 +86,27 @@ def test_gpu_check_pools_its_token_checks(tmp_path):
     assert checks == [f"{a} fp32 {m}" for a in ("gpt2", "llama") for m in ("eager", "graphs")]
     assert all(r["ok"] for r in records if r["section"] == "tiny")
     assert "[tiny-llama] took" in out.stdout and "[tiny-gpt2] took" in out.stdout
+
+
+def test_a_sigterm_to_the_pool_ends_its_units(tmp_path):
+    pid_file = tmp_path / "unit.pid"
+    pool = (
+        "import sys; from bench.check_pool import Unit, run_pool; "
+        "code = \"import os, time; open(os.environ['PIDF'], 'w').write(str(os.getpid())); "
+        'time.sleep(60)"; '
+        "run_pool([Unit('u', [sys.executable, '-c', code])], 1, 120)"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO), PIDF=str(pid_file))
+    parent = subprocess.Popen([sys.executable, "-c", pool], env=env)
+    for _ in range(100):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    unit = int(pid_file.read_text())
+    parent.terminate()
+    assert parent.wait(timeout=20) == 128 + 15
+    for _ in range(50):
+        if not _alive(unit):
+            break
+        time.sleep(0.1)
+    assert not _alive(unit)
