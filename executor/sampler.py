@@ -7,9 +7,11 @@ The order of operations, per row:
   logit_bias, allowed_token_ids, bad_words, min_tokens (stop ids masked),
   penalties (repetition over prompt + output, frequency and presence over output),
   then greedy rows take the argmax; random rows apply temperature, top-k, top-p and
-  min-p, and draw with the exponential race: argmax(probs / E), E ~ Exponential(1).
-  The race lets a seeded request draw its noise from its own generator, so that its
-  tokens do not depend on its neighbours in the batch or on its row.
+  min-p, and draw with the exponential race: argmax(probs / E), E ~ Exponential(1);
+  on the CPU, where an exponential per token costs more than the model's step, by
+  one uniform per row against the running sum. Either way a seeded request draws
+  from its own generator, so that its tokens do not depend on its neighbours in the
+  batch or on its row.
 
 Top-k and top-p keep every token tied with the last one kept, so a row's surviving set
 does not depend on how a sort orders equal values. Logprobs are those of the raw
@@ -504,9 +506,34 @@ def sample_random(
     del logits  # ours is freed here, before the [S, V] temporaries below
     if batch.min_p is not None:
         apply_min_p(probs, batch.min_p)
+    if probs.device.type == "cpu":
+        return inverse_cdf_draw(probs, batch)
     # The race needs no renormalisation: argmax(c * p / E) = argmax(p / E).
     noise = exponential_noise(probs, batch)
     return torch.div(probs, noise, out=noise).argmax(dim=-1)
+
+
+def inverse_cdf_draw(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The CPU's draw: one uniform per row against the row's running sum, [S, V] -> [S]
+    (`probs` is overwritten; a row need not sum to one). The race's exponential for
+    every token of the vocabulary took 39 ms a step at 24 rows of 49,152 on one core;
+    this is one pass. A seeded row's uniform comes from its own generator."""
+    u = torch.empty(probs.shape[0], 1, dtype=probs.dtype)  # [S, 1]
+    if batch.any_unseeded_random:
+        u.uniform_()
+    for row, generator in batch.seeded:
+        u[row].uniform_(generator=generator)
+    return pick_by_cdf(probs, u)
+
+
+def pick_by_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The token of each row whose share of the running sum holds u [S, 1] in [0, 1]:
+    [S, V] -> [S]. `probs` is overwritten with its running sum."""
+    cdf = probs.cumsum_(dim=-1)  # [S, V], nondecreasing
+    total = cdf[:, -1:]  # [S, 1]
+    # strictly below the row's total: the pick is a token of nonzero probability
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(1)  # first cdf > target
 
 
 def apply_top_k_top_p(logits: torch.Tensor, batch: SamplingBatch) -> None:

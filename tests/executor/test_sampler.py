@@ -18,6 +18,7 @@ from executor.sampler import (
     compute_prompt_logprobs,
     logprobs_to_wire,
     make_generator,
+    pick_by_cdf,
     temperature_only,
 )
 
@@ -369,6 +370,15 @@ def test_seeded_rows_follow_the_distribution():
         logits_of_probs(*[probs] * 2000), [opts(seed=i) for i in range(2000)], generators=generators
     )
     assert frequencies(tokens, 4) == pytest.approx(probs, abs=0.035)
+
+
+def test_the_cpu_draw_picks_only_tokens_of_nonzero_probability():
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0]] * 4)
+    u = torch.tensor([[0.0], [0.2499], [0.2501], [1.0]])  # 1.0: past any uniform draw
+    assert pick_by_cdf(probs.clone(), u).tolist() == [1, 1, 3, 3]
+    # a row that does not sum to one (min-p zeroed some): u scales to its total
+    zeroed = torch.tensor([[0.0, 0.2, 0.0, 0.1]] * 2)
+    assert pick_by_cdf(zeroed, torch.tensor([[0.6], [0.7]])).tolist() == [1, 3]
 
 
 def seeded_run(row: int, num_rows: int, steps: int = 6) -> list[int]:
