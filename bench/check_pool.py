@@ -53,6 +53,7 @@ def run_pool(units: list[Unit], jobs: int, timeout_s: float, on_done=None) -> li
                 time.sleep(0.2)
                 for r in [r for r in running if _finished(r, timeout_s)]:
                     running.remove(r)
+                    _kill(r)  # what a unit left behind (a crashed engine's processes)
                     done[r.unit.name] = _collect(r, timeout_s)
                     if on_done:
                         on_done(r.unit.name, done[r.unit.name], time.monotonic() - r.started)

@@ -110,3 +110,20 @@ def test_a_sigterm_to_the_pool_ends_its_units(tmp_path):
             break
         time.sleep(0.1)
     assert not _alive(unit)
+
+
+def test_what_a_finished_unit_left_running_is_ended(tmp_path):
+    pid_file = tmp_path / "left.pid"
+    code = (
+        "import subprocess, sys; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid))"
+    )  # exits at once, its child still sleeping
+    records = run_pool([_unit("leaves", code)], 1, 30)
+    assert records[0]["ok"] is False and "no records" in records[0]["detail"]
+    left = int(pid_file.read_text())
+    for _ in range(50):
+        if not _alive(left):
+            break
+        time.sleep(0.1)
+    assert not _alive(left)
