@@ -21,6 +21,8 @@ import psutil
 import pytest
 import requests
 
+from tests.helpers.processes import alive, wait_gone  # noqa: F401 (the api tests import them here)
+
 MODEL = "tessera/smollm2-135m-instruct"
 API_KEY = "test-key"
 # Two names: requests may use either; the first is the one reported.
@@ -119,27 +121,6 @@ def kill_all(procs: list[psutil.Process]) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(procs, timeout=10)
-
-
-def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
-    """Those of `procs` still running (zombies count as gone)."""
-    out = []
-    for p in procs:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
-def wait_gone(procs: list[psutil.Process], timeout: float = 30.0) -> list[psutil.Process]:
-    deadline = time.monotonic() + timeout
-    left = alive(procs)
-    while left and time.monotonic() < deadline:
-        time.sleep(0.2)
-        left = alive(left)
-    return left
 
 
 @pytest.fixture(scope="module")

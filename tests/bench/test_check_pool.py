@@ -9,9 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from bench.check_pool import Unit, run_pool
+from tests.helpers.processes import wait_gone
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,20 +58,15 @@ def test_a_unit_past_its_time_is_killed_with_the_processes_it_started(tmp_path):
     assert time.monotonic() - start < 20
     assert records[0]["ok"] is False and "killed after 2 s" in records[0]["detail"]
     grandchild = int(pid_file.read_text())
-    for _ in range(50):  # reaped by init once its parent is gone
-        if not _alive(grandchild):
-            break
-        time.sleep(0.1)
-    assert not _alive(grandchild)
+    assert _gone(grandchild)
 
 
-def _alive(pid: int) -> bool:
+def _gone(pid: int) -> bool:
+    """Whether the process ends (or is a zombie, which init reaps) within 5 s."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().split()[2] != "Z"
+        return not wait_gone([psutil.Process(pid)], timeout=5.0)
+    except psutil.NoSuchProcess:
+        return True
 
 
 @pytest.mark.slow
@@ -105,11 +102,7 @@ def test_a_sigterm_to_the_pool_ends_its_units(tmp_path):
     unit = int(pid_file.read_text())
     parent.terminate()
     assert parent.wait(timeout=20) == 128 + 15
-    for _ in range(50):
-        if not _alive(unit):
-            break
-        time.sleep(0.1)
-    assert not _alive(unit)
+    assert _gone(unit)
 
 
 def test_what_a_finished_unit_left_running_is_ended(tmp_path):
@@ -122,8 +115,4 @@ def test_what_a_finished_unit_left_running_is_ended(tmp_path):
     records = run_pool([_unit("leaves", code)], 1, 30)
     assert records[0]["ok"] is False and "no records" in records[0]["detail"]
     left = int(pid_file.read_text())
-    for _ in range(50):
-        if not _alive(left):
-            break
-        time.sleep(0.1)
-    assert not _alive(left)
+    assert _gone(left)

@@ -1,6 +1,9 @@
-"""The engine processes a test started, for the no-orphans checks."""
+"""The engine processes a test started, and whether they are gone, for the no-orphans
+checks."""
 
 from __future__ import annotations
+
+import time
 
 import psutil
 
@@ -15,3 +18,24 @@ def children() -> list[psutil.Process]:
         except psutil.NoSuchProcess:
             pass
     return procs
+
+
+def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """Those of `procs` still running (zombies count as gone)."""
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def wait_gone(procs: list[psutil.Process], timeout: float = 30.0) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout
+    left = alive(procs)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = alive(left)
+    return left
