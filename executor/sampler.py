@@ -30,9 +30,9 @@ per-row options; `Sampler.__call__` makes no host syncs.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -493,8 +493,9 @@ def apply_penalties(logits: torch.Tensor, p: Penalties) -> None:
 def sample_random(
     logits: torch.Tensor, batch: SamplingBatch, in_place: bool = False
 ) -> torch.Tensor:
-    """Temperature, top-k, top-p, min-p, then one exponential-race draw per row: [S].
-    `in_place`: `logits` may be overwritten (else it is left as it was)."""
+    """Temperature, top-k, top-p, min-p, then one draw per row (the exponential race;
+    on the CPU, inverse_cdf_draw): [S]. `in_place`: `logits` may be overwritten (else
+    it is left as it was)."""
     assert batch.temperature is not None
     if in_place:
         logits = logits.div_(batch.temperature)
@@ -503,7 +504,7 @@ def sample_random(
     if batch.top_k is not None or batch.top_p is not None:
         apply_top_k_top_p(logits, batch)
     probs = torch.softmax(logits, dim=-1)  # [S, V]
-    del logits  # ours is freed here, before the [S, V] temporaries below
+    del logits  # a scaled copy of our own is freed here, before the temporaries below
     if batch.min_p is not None:
         apply_min_p(probs, batch.min_p)
     if probs.device.type == "cpu":
@@ -519,11 +520,7 @@ def inverse_cdf_draw(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     every token of the vocabulary took 39 ms a step at 24 rows of 49,152 on one core;
     this is one pass. A seeded row's uniform comes from its own generator."""
     u = torch.empty(probs.shape[0], 1, dtype=probs.dtype)  # [S, 1]
-    if batch.any_unseeded_random:
-        u.uniform_()
-    for row, generator in batch.seeded:
-        u[row].uniform_(generator=generator)
-    return pick_by_cdf(probs, u)
+    return pick_by_cdf(probs, _draw(u, batch, torch.Tensor.uniform_))
 
 
 def pick_by_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -605,13 +602,20 @@ def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> None:
 
 def exponential_noise(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """[S, V] Exponential(1) draws; a seeded row's from its own generator only."""
-    noise = torch.empty_like(probs)
-    if batch.any_unseeded_random:
-        noise.exponential_()
-    for row, generator in batch.seeded:
-        noise[row].exponential_(generator=generator)
+    noise = _draw(torch.empty_like(probs), batch, torch.Tensor.exponential_)
     # A draw of exactly 0 would make p / E inf (or nan for p = 0) and break the argmax.
     return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+
+
+def _draw(out: torch.Tensor, batch: SamplingBatch, fill: Callable[..., Any]) -> torch.Tensor:
+    """`out` [S, ...] filled in place by `fill` (a Tensor method taking generator=): every
+    row from the default generator when some random row is unseeded, then each seeded
+    row again from its own generator alone."""
+    if batch.any_unseeded_random:
+        fill(out)
+    for row, generator in batch.seeded:
+        fill(out[row], generator=generator)
+    return out
 
 
 def gather_logprobs(raw: torch.Tensor, token_ids: torch.Tensor, k: int) -> LogprobsTensors:
