@@ -110,12 +110,12 @@ class Worker:
         return snapshot
 
     def _profile_cuda_blocks(self) -> int:
-        from executor.profiling import available_kv_bytes
+        from executor.profiling import GIB, available_kv_bytes
 
         assert self.runner is not None
         free_bytes = available_kv_bytes(self.runner, self.config, self._memory_at_start)
         blocks = free_bytes // self.bytes_per_block()
-        logger.info("KV cache: %d blocks (%.2f GiB)", blocks, free_bytes / (1 << 30))
+        logger.info("KV cache: %d blocks (%.2f GiB)", blocks, free_bytes / GIB)
         return int(blocks)
 
     def init_cache(self, num_blocks: int) -> None:
