@@ -15,13 +15,13 @@ import ctypes
 import functools
 import importlib.util
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple, TypeVar
+from typing import NamedTuple
+
+from executor.nvml import ask_nvml
 
 _UNKNOWN = "unknown"
 _NAME_LEN = 96  # NVML_DEVICE_NAME_V2_BUFFER_SIZE
-T = TypeVar("T")
 
 
 class DeviceInfo(NamedTuple):
@@ -97,7 +97,7 @@ def _nvml_device_count() -> int | None:
         ok = nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) == 0
         return int(count.value) if ok else None
 
-    return _ask_nvml(count_devices)
+    return ask_nvml(count_devices)
 
 
 @functools.cache
@@ -108,22 +108,7 @@ def first_device_info() -> DeviceInfo | None:
     if cuda_device_count() == 0:
         return None
     first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
-    return _ask_nvml(lambda nvml: _device_info(nvml, first))
-
-
-def _ask_nvml(question: Callable[[ctypes.CDLL], T | None]) -> T | None:
-    """`question` answered by NVML between its init and shutdown; None where NVML is
-    missing or fails to start."""
-    try:
-        nvml = ctypes.CDLL("libnvidia-ml.so.1")
-        if nvml.nvmlInit_v2() != 0:
-            return None
-        try:
-            return question(nvml)
-        finally:
-            nvml.nvmlShutdown()
-    except (OSError, AttributeError):
-        return None
+    return ask_nvml(lambda nvml: _device_info(nvml, first))
 
 
 def _device_info(nvml: ctypes.CDLL, first: str) -> DeviceInfo | None:

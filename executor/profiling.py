@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 
 import msgspec
@@ -10,12 +12,15 @@ import torch
 from executor.config import EngineConfig
 from executor.forward_context import ForwardContext
 from executor.messages import SamplingOptions
+from executor.nvml import process_memory_used
 from executor.sampler import Sampler, SamplerOutput, SamplingBatch
 from executor.warmup import dummy_forward
 from kernels.dispatch import use_triton
 from kernels.sampling import sample_tokens_triton
 
 GIB = 1 << 30
+
+logger = logging.getLogger(__name__)
 
 
 class KVCacheSizeError(RuntimeError):
@@ -72,6 +77,8 @@ class MemorySnapshot:
     free: int
     total: int
     torch_reserved: int
+    # this process's own use, by the driver's per-process count (None: it can't tell)
+    process_used: int | None = None
 
     @property
     def non_torch(self) -> int:
@@ -82,7 +89,27 @@ class MemorySnapshot:
 
 def memory_snapshot(device: torch.device) -> MemorySnapshot:
     free, total = torch.cuda.mem_get_info(device)
-    return MemorySnapshot(free, total, torch.cuda.memory_reserved(device))
+    reserved = torch.cuda.memory_reserved(device)
+    return MemorySnapshot(free, total, reserved, process_memory_used(_uuid(device), os.getpid()))
+
+
+def _uuid(device: torch.device) -> str:
+    """The device's UUID as NVML names it ("GPU-..."; torch prints it bare)."""
+    uuid = str(torch.cuda.get_device_properties(device).uuid)
+    return uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
+
+
+def own_non_torch_growth(startup: MemorySnapshot, after: MemorySnapshot) -> tuple[int, str]:
+    """What this process took outside torch between the two snapshots, and how that was
+    counted. The driver's per-process count where it has one: the device-wide count
+    also holds what other processes took meanwhile (two instances starting at once
+    each counted the other's weights and KV cache as their own, and found no room)."""
+    if startup.process_used is not None and after.process_used is not None:
+        grown = (after.process_used - after.torch_reserved) - (
+            startup.process_used - startup.torch_reserved
+        )
+        return max(grown, 0), "this process"
+    return max(after.non_torch - startup.non_torch, 0), "device-wide"
 
 
 def check_share_is_free(util: float, startup: MemorySnapshot) -> None:
@@ -102,14 +129,20 @@ def check_share_is_free(util: float, startup: MemorySnapshot) -> None:
 def kv_budget(util: float, startup: MemorySnapshot, after: MemorySnapshot, peak: int) -> int:
     """Bytes for the KV cache: this instance's share, less the weights and the profiled
     step's peak (`peak`, torch's) and what this process took outside torch since it
-    started (`after` against `startup`)."""
-    own_non_torch = max(after.non_torch - startup.non_torch, 0)
+    started (`after` against `startup`, see own_non_torch_growth)."""
+    own_non_torch, counted = own_non_torch_growth(startup, after)
     budget = int(startup.total * util) - peak - own_non_torch
+    logger.info(
+        "profiled step: %.2f GiB weights and peak activations, %.2f GiB outside torch (counted %s)",
+        peak / GIB,
+        own_non_torch / GIB,
+        counted,
+    )
     if budget <= 0:
         raise KVCacheSizeError(
             f"no KV cache block fits: {util:.2f} x {startup.total / GIB:.1f} GiB allowed, "
             f"{peak / GIB:.2f} GiB taken by weights and peak activations, "
-            f"{own_non_torch / GIB:.2f} GiB by this process outside torch; "
+            f"{own_non_torch / GIB:.2f} GiB outside torch (counted {counted}); "
             "raise --gpu-memory-utilization or lower --max-model-len / --max-num-batched-tokens"
         )
     return budget

@@ -11,6 +11,7 @@ from executor.profiling import (
     MemorySnapshot,
     check_share_is_free,
     kv_budget,
+    own_non_torch_growth,
     run_widest_sampler,
     widest_batch,
 )
@@ -63,3 +64,22 @@ def test_no_block_left_names_the_arguments_to_change():
     after = MemorySnapshot(free=60 * G, total=80 * G, torch_reserved=20 * G)
     with pytest.raises(KVCacheSizeError, match="raise --gpu-memory-utilization or lower"):
         kv_budget(0.2, startup, after, peak=17 * G)  # 16 GiB allowed
+
+
+def test_processes_starting_beside_this_one_do_not_count_as_its_own():
+    # two instances start at once on a 140 GiB card: while this one profiled, the other
+    # took 9 GiB; the driver's count for this process grew by 0.5 GiB outside torch
+    startup = MemorySnapshot(free=139 * G, total=140 * G, torch_reserved=0, process_used=G // 2)
+    after = MemorySnapshot(
+        free=139 * G - 9 * G - 3 * G - G // 2,
+        total=140 * G,
+        torch_reserved=3 * G,
+        process_used=G // 2 + 3 * G + G // 2,
+    )
+    assert own_non_torch_growth(startup, after) == (G // 2, "this process")
+    assert kv_budget(0.08, startup, after, peak=2 * G) == int(0.08 * 140 * G) - 2 * G - G // 2
+    # without the driver's count, the other's 9 GiB would have counted as this one's
+    blind = MemorySnapshot(after.free, after.total, after.torch_reserved)
+    assert own_non_torch_growth(startup, blind) == (9 * G + G // 2, "device-wide")
+    with pytest.raises(KVCacheSizeError, match=r"counted device-wide"):
+        kv_budget(0.08, startup, blind, peak=2 * G)
