@@ -191,6 +191,8 @@ def test_fp8_kv_cache_keeps_peaked_greedy_tokens(llama, shared_llm):
         ({"prompt_token_ids": [True, 5]}, {}),
         ({"prompt_token_ids": [1.5]}, {}),
         ({"prompt_token_ids": "abc"}, {}),
+        ({"prompt_token_ids": [5, 10**9]}, {}),  # past the vocabulary
+        ([-1, 5], {}),
         ({"text": "no prompt key"}, {}),
         ([1, 2, 3], {"seed": 2**70}),
     ],
