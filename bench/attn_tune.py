@@ -1,6 +1,6 @@
-"""Sweep the attention kernels' tile configurations at the workloads' decode shapes.
+"""Sweep the attention kernels' tile configurations at the workloads' shapes.
 
-    PYTHONPATH=. python bench/attn_tune.py [--top 5] [--only SUBSTRING ...]
+    PYTHONPATH=. python bench/attn_tune.py [--top 5] [--only SUBSTRING ...] [--prefill]
 
 `_tile_config` (the paged kernel) and `_prefix_tile_config` (the cascade's shared-prefix
 kernel) were picked from a few H100 timings; this times every (BLOCK_N, warps, stages)
@@ -9,6 +9,10 @@ bench/gpu_suite.sh run, GPU time from CUDA-graph replays with a cold L2
 (kernels_gpu.graph_bench). Each result is checked against the float32 reference first,
 so a configuration that computes wrong values is reported, never ranked. Prints the
 current choice and the fastest ones per shape; writes $OUT/attn_tune.json when OUT is set.
+
+--prefill sweeps the tiles of long queries instead (every BLOCK_M, BLOCK_N, warps and
+stages) at the prompt steps of W1 and W2: fresh prompts filling a 16K-token step, where
+the kernel is bound by its matrix work, so each result also gives TFLOP/s.
 """
 
 from __future__ import annotations
@@ -43,6 +47,11 @@ Config = tuple[int, int, int, int]  # BLOCK_M, BLOCK_N, num_warps, num_stages
 DECODE_CONFIGS = [
     (16, n, w, s) for n, w, s in itertools.product((32, 64, 128), (1, 2, 4), (2, 3, 4))
 ]
+PREFILL_CONFIGS = [
+    *itertools.product((32, 64), (16, 32, 64), (2, 4), (1, 2, 3)),
+    (128, 32, 8, 2),
+    (128, 128, 8, 3),  # the long-query tile before 64 x 32
+]
 PREFIX_CONFIGS = [
     (m, n, w, s)
     for m, n, w, s in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))
@@ -57,8 +66,24 @@ def decode_tiles(config: Config | None) -> Iterator[None]:
     shipped = attention._tile_config
     if config is not None:
 
-        def forced(rows: int, group: int, block_d: int, block_size: int) -> Config:
-            return config if rows <= 16 else shipped(rows, group, block_d, block_size)
+        def forced(rows: int, group: int, *rest: int) -> Config:
+            return config if rows <= 16 else shipped(rows, group, *rest)
+
+        attention._tile_config = forced
+    try:
+        yield
+    finally:
+        attention._tile_config = shipped
+
+
+@contextmanager
+def prefill_tiles(config: Config | None) -> Iterator[None]:
+    """The paged kernel's tiles of long queries (over 16 rows) forced to `config`."""
+    shipped = attention._tile_config
+    if config is not None:
+
+        def forced(rows: int, group: int, *rest: int) -> Config:
+            return config if rows > 16 else shipped(rows, group, *rest)
 
         attention._tile_config = forced
     try:
@@ -81,16 +106,24 @@ def prefix_tiles(config: Config | None) -> Iterator[None]:
 class Shape:
     """One decode batch: its call of the public paged_attention, its reference, bytes."""
 
-    def __init__(self, name: str, heads: int, lens: list[int], prefix: int = 0, **kw: Any):
+    def __init__(
+        self,
+        name: str,
+        heads: int,
+        lens: list[int],
+        prefix: int = 0,
+        q_lens: list[int] | None = None,
+        **kw: Any,
+    ):
         self.name = name
-        b = make_batch([1] * len(lens), lens, heads=heads, **kw)
+        b = make_batch(q_lens or [1] * len(lens), lens, heads=heads, **kw)
         self.batch = share_prefix(b, prefix) if prefix else b
         self.scale = b.q.shape[2] ** -0.5
         extra: dict[str, Any] = {"shared_prefix_len": prefix_tensor(prefix)} if prefix else {}
         self.out = torch.empty_like(b.q)
         self.call = partial(paged_attention, *b.args(self.out, self.scale), **extra)
         self.ref = attention_ref(b, self.scale, **extra)
-        nbytes, _ = attention_cost(b)
+        nbytes, self.flops = attention_cost(b)
         kv_per_key = b.k_cache.shape[2] * b.k_cache.shape[3] * 2 * b.k_cache.element_size()
         self.bytes = nbytes - (len(lens) - 1) * prefix * kv_per_key  # shared keys read once
 
@@ -121,6 +154,7 @@ def sweep(
     for r in [shipped, *timed]:
         if r.get("us"):
             r["of_copy"] = shape.bytes / (r["us"] * 1e-6) / 1e9 / copy_gbps
+            r["tflops"] = shape.flops / (r["us"] * 1e-6) / 1e12
     return {"shape": shape.name, "shipped": shipped, "ranked": timed, "all": rows}
 
 
@@ -151,9 +185,23 @@ def shapes(only: list[str]) -> Iterator[tuple[Shape, bool]]:
             yield Shape(name, heads, ctx_lens, prefix, cache_dtype=cache_dtype), with_prefix
 
 
+def prefill_shapes() -> Iterator[Shape]:
+    """Prompt steps of 16K fresh tokens: W2's prompts (100-1024 tokens, Qwen3-0.6B's
+    heads) and W1's (1024 tokens, the 8B's)."""
+    g = torch.Generator().manual_seed(0)
+    w2: list[int] = []
+    while sum(w2) < 16384 - 1024:
+        w2.append(int(torch.randint(100, 1025, (1,), generator=g)))
+    yield Shape(f"qwen3 prefill {len(w2)} x 100..1024", 16, w2, q_lens=w2)
+    yield Shape("8b prefill 16 x 1024", 32, [1024] * 16, q_lens=[1024] * 16)
+    yield Shape("8b prefill 4 x 4096", 32, [4096] * 4, q_lens=[4096] * 4)
+
+
 def report(result: dict[str, Any], top: int) -> None:
     def fmt(r: dict[str, Any]) -> str:
-        return f"{r['us']:7.1f} us {r['of_copy']:5.2f} of copy" if r.get("us") else str(r)
+        if not r.get("us"):
+            return str(r)
+        return f"{r['us']:7.1f} us {r['of_copy']:5.2f} of copy {r['tflops']:6.1f} TFLOP/s"
 
     print(f"{result['shape']} [{result['kernel']}]", flush=True)
     print(f"  shipped            {fmt(result['shipped'])}")
@@ -168,12 +216,20 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--top", type=int, default=5)
     parser.add_argument("--only", nargs="*", default=[], help="shapes whose name has one")
+    parser.add_argument("--prefill", action="store_true", help="the long-query tiles")
     args = parser.parse_args()
     copy_gbps = copy_bandwidth()
     sms = num_sms(torch.cuda.current_device())
     print(f"copy {copy_gbps:.0f} GB/s, {sms} SMs", flush=True)
     results = []
-    for shape, with_prefix in shapes(args.only):
+    for shape in prefill_shapes() if args.prefill else []:
+        result = {
+            "kernel": "paged prefill",
+            **sweep(shape, PREFILL_CONFIGS, prefill_tiles, copy_gbps),
+        }
+        report(result, args.top)
+        results.append(result)
+    for shape, with_prefix in [] if args.prefill else shapes(args.only):
         result = {"kernel": "paged", **sweep(shape, DECODE_CONFIGS, decode_tiles, copy_gbps)}
         report(result, args.top)
         results.append(result)

@@ -592,9 +592,11 @@ def _tile_config(
     least), 64 keys a step, 2 warps and 3 stages, which keeps more loads in flight per
     byte (FP8 caches gain most: 354 -> 253 us at 64 x 4096 tokens); with two query heads
     a KV head on a 16-bit cache, 128 keys a step on 4 warps, 4 stages. Longer queries:
-    128 x 128 tiles on 8 warps (324 TFLOP/s on a causal 4096 prefill), 64-row tiles for
-    shorter queries and for head sizes over 128, whose accumulator would not fit 128 rows
-    in registers. A step never reads part of a cache block when blocks are up to 128 long.
+    64 x 32 tiles on 4 warps, 2 stages (bench/attn_tune.py --prefill on an H200: W2's
+    16K-token prompt step 299.5 -> 219.2 us a layer, W1's 648.1 -> 497.5, against the
+    128 x 128 tiles on 8 warps before), 64-row tiles for shorter queries and for head
+    sizes over 128, whose accumulator would not fit 128 rows in registers. A step never
+    reads part of a cache block when blocks are up to 128 long.
     """
     small_d = block_d <= 128
     if rows <= 16 and group == 2 and small_d and cache_bytes == 2:
@@ -606,7 +608,7 @@ def _tile_config(
     elif rows <= 64 or not small_d:
         block_m, block_n, num_warps, num_stages = 64, 64 if small_d else 32, 4, 3 if small_d else 2
     else:
-        block_m, block_n, num_warps, num_stages = 128, 128, 8, 3
+        block_m, block_n, num_warps, num_stages = 64, 32, 4, 2
     if block_m < group:  # one token's query heads must fit a tile
         block_m, num_warps = group, 4
     if block_size & (block_size - 1) == 0:
@@ -749,8 +751,13 @@ def _launch_shared_prefix(
 def _prefix_tile_config(
     num_tokens: int, group: int, block_d: int, block_size: int
 ) -> tuple[int, int, int, int]:
-    """The shared-prefix kernel's tiles: every decode query of a KV head is a row."""
-    return _tile_config(max(num_tokens * group, 17), group, block_d, block_size)
+    """The shared-prefix kernel's tiles: every decode query of a KV head is a row. Many
+    rows keep the 128 x 128 tiles on 8 warps that the paged kernel's long queries had
+    before their 64 x 32 (timed for prompts, not for this kernel's decode rows)."""
+    rows = max(num_tokens * group, 17)
+    if rows > 64 and block_d <= 128:
+        return 128, 128, 8, 3
+    return _tile_config(rows, group, block_d, block_size)
 
 
 @dataclass
