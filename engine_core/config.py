@@ -384,8 +384,9 @@ RULES: dict[str, Rule] = {
         "on CUDA this instance's share of the device's memory (per instance: other "
         "processes do not shrink it, but it must be free at startup); the KV cache takes "
         "the share less the weights, the peak of a profiled step (a forward at the token "
-        "budget, then the widest sampling) and this process's memory outside torch; on "
-        "the CPU the cache size comes from TESSERA_CPU_KVCACHE_SPACE",
+        "budget, then the widest sampling) and this process's memory outside torch (as "
+        "the driver counts it per process, so instances starting together do not count "
+        "each other's); on the CPU the cache size comes from TESSERA_CPU_KVCACHE_SPACE",
         check=_fraction,
     ),
     "num_gpu_blocks_override": _works(check=_positive),
