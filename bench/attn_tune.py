@@ -60,14 +60,14 @@ PREFIX_CONFIGS = [
 
 
 @contextmanager
-def decode_tiles(config: Config | None) -> Iterator[None]:
-    """The paged kernel's decode tiles (rows <= 16) forced to `config`; None: as shipped.
-    The prefix kernel keeps its own choice: its tiles have more than 16 rows."""
+def paged_tiles(config: Config | None, long_queries: bool) -> Iterator[None]:
+    """The paged kernel's decode tiles (rows <= 16), or its tiles of longer queries,
+    forced to `config`; None: as shipped. The prefix kernel keeps its own choice."""
     shipped = attention._tile_config
     if config is not None:
 
         def forced(rows: int, group: int, *rest: int) -> Config:
-            return config if rows <= 16 else shipped(rows, group, *rest)
+            return config if (rows > 16) == long_queries else shipped(rows, group, *rest)
 
         attention._tile_config = forced
     try:
@@ -76,20 +76,12 @@ def decode_tiles(config: Config | None) -> Iterator[None]:
         attention._tile_config = shipped
 
 
-@contextmanager
-def prefill_tiles(config: Config | None) -> Iterator[None]:
-    """The paged kernel's tiles of long queries (over 16 rows) forced to `config`."""
-    shipped = attention._tile_config
-    if config is not None:
+def decode_tiles(config: Config | None) -> Any:
+    return paged_tiles(config, long_queries=False)
 
-        def forced(rows: int, group: int, *rest: int) -> Config:
-            return config if rows > 16 else shipped(rows, group, *rest)
 
-        attention._tile_config = forced
-    try:
-        yield
-    finally:
-        attention._tile_config = shipped
+def prefill_tiles(config: Config | None) -> Any:
+    return paged_tiles(config, long_queries=True)
 
 
 @contextmanager
