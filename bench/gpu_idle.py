@@ -182,24 +182,18 @@ def profile_workload(args, keep: Path | None) -> Path:
     """Run the workload's timed generate under the profiler; the trace's path."""
     folder = keep or Path(tempfile.mkdtemp(prefix="tessera-gpu-idle-"))
     os.environ["TESSERA_TORCH_PROFILER_DIR"] = str(folder)  # the workers inherit it
-    from bench.throughput import _engine_kwargs, make_prompts, make_requests
+    from bench.throughput import _engine_kwargs, warm_up, workload
     from engine_core import LLM, SamplingParams
-    from engine_core.config import resolve_config
 
-    engine = _engine_kwargs(args)
-    from engine_core.args import EngineArgs
-
-    config = resolve_config(EngineArgs(**engine))
-    prompts, max_tokens = make_requests(args, int(config.model.hf_config["vocab_size"]))
+    _, prompts, max_tokens = workload(args)
     if args.max_output:
         max_tokens = [min(m, args.max_output) for m in max_tokens]
     params = [
         SamplingParams(max_tokens=m, ignore_eos=True, temperature=args.temperature)
         for m in max_tokens
     ]
-    with LLM(**engine) as llm:
-        warm = make_prompts(2, 16, 1000, args.seed + 1)
-        llm.generate(warm, SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
+    with LLM(**_engine_kwargs(args)) as llm:
+        warm_up(llm, args.seed)
         llm.start_profile()
         t0 = time.perf_counter()
         llm.generate(prompts, params, use_tqdm=False)

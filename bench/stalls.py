@@ -213,8 +213,8 @@ def _diff(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
 
 
 def main() -> None:
-    from bench.throughput import _engine_kwargs, add_workload_args, make_requests
-    from engine_core.args import EngineArgs, make_arg_parser
+    from bench.throughput import _engine_kwargs, add_workload_args, workload
+    from engine_core.args import make_arg_parser
 
     parser = make_arg_parser(argparse.ArgumentParser(description=__doc__))
     add_workload_args(parser)
@@ -224,13 +224,9 @@ def main() -> None:
     if args.worker_extension_cls:
         parser.error("--worker-extension-cls: this script sets it (bench.stalls.StepStalls)")
     args.seed = args.seed if args.seed is not None else 0
-    from engine_core.config import resolve_config
-
-    engine = _engine_kwargs(args)
-    config = resolve_config(EngineArgs(**engine))
-    prompts, max_tokens = make_requests(args, int(config.model.hf_config["vocab_size"]))
+    _, prompts, max_tokens = workload(args)
     params = [dict(max_tokens=m, ignore_eos=True, temperature=args.temperature) for m in max_tokens]
-    for result in run(engine, prompts, params, args.runs, args.slow_ms):
+    for result in run(_engine_kwargs(args), prompts, params, args.runs, args.slow_ms):
         print(json.dumps(result), flush=True)
 
 

@@ -22,6 +22,7 @@ import json
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 from engine_core.args import EngineArgs, make_arg_parser
 
@@ -50,6 +51,25 @@ def make_requests(args, vocab: int) -> tuple[list[list[int]], list[int]]:
     return prompts, [args.output_len] * len(prompts)
 
 
+def workload(args) -> tuple[Any, list[list[int]], list[int]]:
+    """The resolved engine config, and the workload's prompts and max_tokens (random ids
+    are drawn below the model's vocabulary size)."""
+    from engine_core.config import resolve_config
+
+    config = resolve_config(EngineArgs(**_engine_kwargs(args)))
+    prompts, max_tokens = make_requests(args, int(config.model.hf_config["vocab_size"]))
+    return config, prompts, max_tokens
+
+
+def warm_up(llm: Any, seed: int) -> None:
+    """Two short requests on other prompts than the timed ones, so that the prefix cache
+    holds none of them."""
+    from engine_core import SamplingParams
+
+    warm = make_prompts(2, 16, 1000, seed + 1)
+    llm.generate(warm, SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
+
+
 def run_tessera(args, prompts: list[list[int]], max_tokens: list[int]) -> dict:
     from engine_core import LLM, SamplingParams
 
@@ -58,9 +78,7 @@ def run_tessera(args, prompts: list[list[int]], max_tokens: list[int]) -> dict:
         for m in max_tokens
     ]
     with LLM(**_engine_kwargs(args)) as llm:
-        # warm-up on other prompts than the timed ones, so the prefix cache holds none of them
-        warm = make_prompts(2, 16, 1000, args.seed + 1)
-        llm.generate(warm, SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
+        warm_up(llm, args.seed)
         before = llm.collective_rpc("allocator_stats")[0]
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
@@ -157,11 +175,7 @@ def main() -> None:
     if args.baseline == "hf" and args.dataset != "random":
         parser.error("--baseline hf: only with --dataset random (equal prompt lengths)")
 
-    from engine_core.config import resolve_config
-
-    config = resolve_config(EngineArgs(**_engine_kwargs(args)))
-    vocab = int(config.model.hf_config["vocab_size"])
-    prompts, max_tokens = make_requests(args, vocab)
+    config, prompts, max_tokens = workload(args)
     results = [run_tessera(args, prompts, max_tokens)]
     print(json.dumps(results[0]), flush=True)
     if args.baseline == "hf":
