@@ -155,7 +155,8 @@ def _token_ids(values: Any) -> list[int]:
     # prompt ids on a slow CPU, before the engine got its first request.
     if isinstance(values, list) and set(map(type, values)) <= {int}:  # bool is not int here
         return list(values)
-    if getattr(values, "ndim", None) == 1 and getattr(values.dtype, "kind", None) in ("i", "u"):
+    kind = getattr(getattr(values, "dtype", None), "kind", None)
+    if getattr(values, "ndim", None) == 1 and kind in ("i", "u"):
         return values.tolist()  # a numpy integer array
     return [_token_id(value) for value in values]
 
